@@ -1,0 +1,384 @@
+"""
+Task files -> tokens -> ManyICL training sequences with their loss masks.
+
+A training sequence is one task's examples packed until the context is full, in MetaICL's
+direct format:
+
+    <s> x1 ⏎ y1 ⏎ ⏎⏎ x2 ⏎ y2 ⏎ ⏎⏎ x3 ⏎ y3 ⏎
+           [answer]      [answer]      [answer]
+
+An answer span is "⏎ y ⏎": the newline that introduces it (MetaICL) and the newline that
+closes it (our choice: it teaches the model where an answer ends, so generation stops there).
+The remaining "⏎⏎" separates examples. ManyICL puts the loss on every answer span
+(mask="all"); MetaICL on the last one only (mask="last"); mask="none" is plain language
+modelling. See `targets_for`.
+"""
+import json
+import os
+import re
+from collections import namedtuple
+
+import numpy as np
+
+ANSWER_PREFIX, ANSWER_SUFFIX, EXAMPLE_SEPARATOR = "\n", "\n", "\n\n"  # the template, in one place
+IGNORE = -100  # targets value for positions without loss
+
+# ----------------------------------------------------------------------------- task files
+
+METAICL_NAME = re.compile(r"^(?P<task>.+)_(?P<k>\d+)_(?P<seed>\d+)_(?P<split>train|dev|test)\.jsonl$")
+
+
+def task_and_split(path):
+    """MetaICL's {task}_{k}_{seed}_{split}.jsonl, a folder per task holding {split}.jsonl,
+    or a plain {task}.jsonl (no split)."""
+    name = os.path.basename(path)
+    m = METAICL_NAME.match(name)
+    if m:
+        return m["task"], m["split"]
+    stem = name[: -len(".jsonl")]
+    if stem in ("train", "dev", "test"):
+        return os.path.basename(os.path.dirname(os.path.abspath(path))), stem
+    return stem, None
+
+
+def jsonl_files(paths):
+    files = []
+    for p in [paths] if isinstance(paths, str) else paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if f.endswith(".jsonl"))
+            if not found:
+                raise FileNotFoundError(f"{p}: folder holds no .jsonl task files")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such task file or folder")
+    return files
+
+
+def read_examples(path):
+    """One MetaICL example per line; every problem is reported with its file and line."""
+    examples = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read task file ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+        if not isinstance(ex, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(ex).__name__}")
+        for key in ("input", "output"):
+            if key not in ex:
+                raise ValueError(f"{where}: missing '{key}'")
+            if not isinstance(ex[key], str):
+                raise ValueError(f"{where}: '{key}' must be a string, got {type(ex[key]).__name__}")
+        options = ex.get("options") or []
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise ValueError(f"{where}: 'options' must be a list of strings")
+        if options and ex["output"] not in options:
+            raise ValueError(f"{where}: output {ex['output']!r} is not one of its options")
+        examples.append({"input": ex["input"], "output": ex["output"], "options": options})
+    if not examples:
+        raise ValueError(f"{path}: task file is empty")
+    return examples
+
+
+def load_tasks(paths, split=None):
+    """dict task name -> list of examples, from files and/or folders. With `split`, files that
+    name another split are left out (files with no split always count)."""
+    tasks, source = {}, {}
+    for f in jsonl_files(paths):
+        task, file_split = task_and_split(f)
+        if split is not None and file_split is not None and file_split != split:
+            continue
+        if task in source:  # e.g. two seeds of one MetaICL task: silently merging would duplicate
+            raise ValueError(f"task '{task}' comes from two files: {source[task]} and {f}; pass one")
+        tasks[task], source[task] = read_examples(f), f
+    if not tasks:
+        raise ValueError(f"no task files{' for split ' + split if split else ''} in {paths}")
+    return tasks
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """sentencepiece, with one fix for packing: `encode` prepends a dummy-prefix '▁' on every
+    call, so segments encoded separately and concatenated would each start with junk.
+    `encode_continuation` returns a segment's tokens as they appear in the middle of a text,
+    just after a newline, which is where every segment but the first one sits."""
+
+    def __init__(self, model_path):
+        import sentencepiece as spm
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"{model_path}: tokenizer model not found")
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.path = model_path
+        self.bos_id, self.eos_id, self.vocab_size = self.sp.bos_id(), self.sp.eos_id(), self.sp.get_piece_size()
+        self._newline_prefix = self.sp.encode("\n")  # e.g. ['▁', '<0x0A>'] for Mistral's v3
+        self.newline_id = self._newline_prefix[-1]
+
+    def encode(self, text, bos=False, eos=False):
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def encode_continuation(self, text):
+        ids = self.sp.encode("\n" + text)
+        if ids[: len(self._newline_prefix)] != self._newline_prefix:
+            raise ValueError(f"{self.path}: newline merges with the text after it; "
+                             "this tokenizer cannot pack segments exactly")
+        return ids[len(self._newline_prefix):]
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+
+# An example, tokenized once: its input as the first thing after <s>, its input after an example
+# separator, and its answer span. Options (if any) are answer spans of their own.
+Encoded = namedtuple("Encoded", "first_input input answer options")
+
+
+def encode_example(tok, ex):
+    answer = lambda y: tok.encode_continuation(ANSWER_PREFIX + y + ANSWER_SUFFIX)
+    return Encoded(tok.encode(ex["input"]), tok.encode_continuation(EXAMPLE_SEPARATOR + ex["input"]),
+                   answer(ex["output"]), [answer(o) for o in ex.get("options") or []])
+
+
+def encode_tasks(tasks, tok, max_len):
+    """Tokenize every example once. An example too long to fit a sequence on its own is
+    skipped and counted; a task left with none is an error. Returns (encoded, n_skipped)."""
+    encoded, skipped = {}, 0
+    for name, examples in tasks.items():
+        enc = [encode_example(tok, ex) for ex in examples]
+        keep = [e for e in enc if 1 + len(e.first_input) + len(e.answer) <= max_len]
+        skipped += len(enc) - len(keep)
+        if not keep:
+            raise ValueError(f"task '{name}': all {len(enc)} examples are longer than seq_len={max_len}")
+        encoded[name] = keep
+    return encoded, skipped
+
+
+# ----------------------------------------------------------------------------- sequences
+
+def pack(encoded, bos_id):
+    """<s> x1 ⏎y1⏎ ⏎⏎x2 ⏎y2⏎ ... -> (tokens, answer spans as [start, end) token ranges).
+    Used for training sequences *and* evaluation prompts, so the two never drift apart."""
+    tokens, spans = [bos_id], []
+    for i, ex in enumerate(encoded):
+        tokens += ex.first_input if i == 0 else ex.input
+        spans.append((len(tokens), len(tokens) + len(ex.answer)))
+        tokens += ex.answer
+    return tokens, spans
+
+
+def targets_for(tokens, spans, mask):
+    """The paper's one idea. targets[t] is the token the model must predict at position t
+    (tokens[t+1]) wherever that token is supervised, else IGNORE."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    targets = np.full_like(tokens, IGNORE)
+    if mask == "none":                           # language modelling: every next token
+        targets[:-1] = tokens[1:]
+        return targets
+    supervised = {"all": spans,                  # ManyICL: every answer is a target
+                  "last": spans[-1:]}[mask]      # MetaICL: only the final answer
+    for start, end in supervised:
+        targets[start - 1:end - 1] = tokens[start:end]  # shifted: position t predicts t+1
+    return targets
+
+
+def build_sequence(examples, tokenizer, max_len, mask="all", seed=0, max_shots=None, bos_id=None):
+    """One task's examples (raw dicts or `Encoded`), shuffled by `seed`, packed until the next
+    one would not fit in `max_len` (at most `max_shots`). No example is split or repeated.
+    Returns (tokens, targets): equal-length int64 arrays, targets shifted (see targets_for)."""
+    if mask not in ("all", "last", "none"):
+        raise ValueError(f"mask must be 'all', 'last' or 'none', got {mask!r}")
+    bos_id = tokenizer.bos_id if bos_id is None else bos_id
+    chosen, length = [], 1
+    for i in np.random.default_rng(seed).permutation(len(examples)):
+        ex = examples[i] if isinstance(examples[i], Encoded) else encode_example(tokenizer, examples[i])
+        cost = len(ex.first_input if not chosen else ex.input) + len(ex.answer)
+        if length + cost > max_len or (max_shots is not None and len(chosen) == max_shots):
+            break
+        chosen.append(ex)
+        length += cost
+    if not chosen:
+        raise ValueError(f"the first example drawn does not fit in max_len={max_len}")
+    tokens, spans = pack(chosen, bos_id)
+    return np.asarray(tokens, dtype=np.int64), targets_for(tokens, spans, mask)
+
+
+class TrainSampler:
+    """The sequences of training step `step` depend only on (seed, step, index in the global
+    batch): never on world size or rank. 8 GPUs, 2, or 1 with more accumulation see the same
+    data, and resuming at step s needs nothing but s.
+
+    Tasks are drawn with probability proportional to size**(1/temperature): temperature=inf is
+    uniform over tasks (the default), 1 proportional to size."""
+
+    def __init__(self, encoded_tasks, bos_id, max_len, mask="all", seed=0, temperature=float("inf"), max_shots=None):
+        self.tasks, self.names = encoded_tasks, sorted(encoded_tasks)
+        sizes = np.array([len(encoded_tasks[n]) for n in self.names], dtype=np.float64)
+        weights = sizes ** (0.0 if temperature == float("inf") else 1.0 / temperature)
+        self.probs = weights / weights.sum()
+        self.bos_id, self.max_len, self.mask, self.seed, self.max_shots = bos_id, max_len, mask, seed, max_shots
+
+    def sequence(self, step, index):
+        rng = np.random.default_rng([self.seed, step, index])
+        task = self.names[rng.choice(len(self.names), p=self.probs)]
+        return build_sequence(self.tasks[task], None, self.max_len, self.mask, seed=int(rng.integers(2**31)),
+                              max_shots=self.max_shots, bos_id=self.bos_id)
+
+
+def collate(sequences):
+    """Right-pad a list of (tokens, targets) to one (B, T) pair. Padding is never a target, and
+    causal attention keeps real tokens from seeing it."""
+    import torch
+    T = max(len(t) for t, _ in sequences)
+    tokens = torch.zeros(len(sequences), T, dtype=torch.long)
+    targets = torch.full((len(sequences), T), IGNORE, dtype=torch.long)
+    for i, (tok, tgt) in enumerate(sequences):
+        tokens[i, : len(tok)], targets[i, : len(tgt)] = torch.as_tensor(tok), torch.as_tensor(tgt)
+    return tokens, targets
+
+
+# ----------------------------------------------------------------------------- built-in suite
+# Synthetic in-context tasks for laptops. Each task *instance* hides its own rule (label words
+# re-drawn, a secret mapping, a hidden constant), so its answers cannot be known without the
+# demonstrations: a model can only score well by learning in context. Held-out families share
+# no rule with held-in ones.
+
+SUITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "suite")
+WORDS = {
+    "animal": "cat dog horse cow sheep goat mouse lion tiger bear wolf fox deer duck owl frog".split(),
+    "fruit": "apple pear plum grape lemon lime mango peach melon cherry berry fig kiwi date".split(),
+    "color": "red blue green yellow purple orange black white brown pink gray gold silver".split(),
+    "tool": "hammer saw drill wrench knife spoon brush rope shovel needle axe ladder".split(),
+    "body": "hand foot head knee elbow ear nose eye mouth neck arm leg finger toe".split(),
+    "place": "city river forest desert island valley mountain lake village beach field road".split(),
+}
+ALL_WORDS = sorted({w for ws in WORDS.values() for w in ws})
+
+
+def nonce_word(rng):
+    syll = ["ba", "ko", "ri", "zu", "me", "ta", "lo", "pi", "ne", "gu", "sa", "vo", "fe", "di"]
+    return "".join(rng.choice(syll, size=int(rng.integers(2, 4))))
+
+
+def suite_instance(family, rng):
+    """(make_example(rng) -> (input, output), options or []) for one hidden-rule instance."""
+    labels = list(dict.fromkeys(nonce_word(rng) for _ in range(12)))[:4]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    if family == "category_label":      # which category, named by per-instance label words
+        cats = list(rng.choice(sorted(WORDS), size=3, replace=False))
+        return (lambda r: (w := r.choice(WORDS[c := r.choice(cats)]), labels[cats.index(c)])), labels[:3]
+    if family == "contains_letter":     # does the word contain a hidden letter?
+        ch = rng.choice(list("aeiort"))
+        return (lambda r: (w := r.choice(ALL_WORDS), labels[int(ch in w)])), labels[:2]
+    if family == "parity":              # even or odd, named by label words
+        return (lambda r: (str(n := int(r.integers(100))), labels[n % 2])), labels[:2]
+    if family == "compare":             # is a > b, direction hidden
+        flip = int(rng.integers(2))
+        return (lambda r: (f"{(a := int(r.integers(100)))} {(b := int(r.integers(100)))}", labels[(a > b) ^ flip])), labels[:2]
+    if family == "caesar":              # shift letters by a hidden k
+        k = int(rng.integers(1, 6))
+        return (lambda r: (w := "".join(r.choice(list(letters), 4)),
+                           "".join(letters[(letters.index(c) + k) % 26] for c in w))), []
+    if family == "string_op":           # one hidden transformation
+        op = rng.choice(["reverse", "upper", "double", "first3"])
+        f = {"reverse": lambda w: w[::-1], "upper": str.upper, "double": lambda w: w + w, "first3": lambda w: w[:3]}[op]
+        return (lambda r: (w := r.choice(ALL_WORDS), f(w))), []
+    if family == "lookup":              # a hidden code book
+        codes = ["".join(rng.choice(list(letters), 3)) for _ in range(8)]
+        vals = list(rng.choice(ALL_WORDS, size=8, replace=False))
+        return (lambda r: (codes[i := int(r.integers(8))], vals[i])), []
+    if family == "add_const":           # add a hidden constant
+        c = int(rng.integers(1, 20))
+        return (lambda r: (str(n := int(r.integers(100))), str(n + c))), []
+    # held-out families
+    if family == "length_threshold":    # is the word longer than a hidden length?
+        t = int(rng.integers(4, 6))
+        return (lambda r: (w := r.choice(ALL_WORDS), labels[int(len(w) > t)])), labels[:2]
+    if family == "first_letter":        # hidden map from first-letter group to one of 3 labels
+        groups = rng.permutation(3)
+        return (lambda r: (w := r.choice(ALL_WORDS), labels[groups[(letters.index(w[0]) * 3) // 26]])), labels[:3]
+    if family == "translate":           # a hidden dictionary from words to nonce words
+        src = list(rng.choice(ALL_WORDS, size=10, replace=False))
+        dst = [nonce_word(rng) for _ in src]
+        return (lambda r: (src[i := int(r.integers(10))], dst[i])), []
+    if family == "suffix":              # append a hidden suffix
+        s = "".join(rng.choice(list(letters), 2))
+        return (lambda r: (w := r.choice(ALL_WORDS), w + s)), []
+    raise ValueError(f"unknown suite family {family!r}")
+
+
+HELD_IN = ["category_label", "contains_letter", "parity", "compare", "caesar", "string_op", "lookup", "add_const"]
+HELD_OUT = ["length_threshold", "first_letter", "translate", "suffix"]
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(6, 2), n_train=400, n_test=64):
+    """Write the suite: train/{task}.jsonl (held-in) and eval/{task}/{train,test}.jsonl
+    (held-out: a demonstration pool and a test set), a generic-text corpus for the forgetting
+    experiment, and a small sentencepiece model trained on all of it. Deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    text = []
+    for families, n_inst, split_dir in ((HELD_IN, instances[0], "train"), (HELD_OUT, instances[1], "eval")):
+        for fam in families:
+            for i in range(n_inst):
+                make, options = suite_instance(fam, rng)
+                task = f"{fam}_{i}"
+                rows = [dict(zip(("input", "output"), make(rng)), task=task, options=options) for _ in range(n_train + n_test)]
+                text += [r["input"] + "\n" + r["output"] for r in rows]
+                if split_dir == "train":
+                    write_jsonl(os.path.join(out_dir, "train", f"{task}.jsonl"), rows)
+                else:
+                    write_jsonl(os.path.join(out_dir, "eval", task, "train.jsonl"), rows[:n_train])
+                    write_jsonl(os.path.join(out_dir, "eval", task, "test.jsonl"), rows[n_train:])
+    for name, n in (("generic_train.txt", 3000), ("generic_test.txt", 300)):
+        lines = [generic_sentence(rng) for _ in range(n)]
+        open(os.path.join(out_dir, name), "w").write("\n".join(lines) + "\n")
+        text += lines
+    train_tokenizer(text, os.path.join(out_dir, "tokenizer"))
+    open(os.path.join(out_dir, "DONE"), "w").write(str(seed))
+    return out_dir
+
+
+def generic_sentence(rng):
+    """'Generic text' for the forgetting experiment: simple English-like sentences."""
+    subj = rng.choice(WORDS["animal"]); obj = rng.choice(WORDS["fruit"] + WORDS["tool"])
+    verb = rng.choice(["found", "ate", "saw", "carried", "dropped", "wanted", "hid"])
+    place = rng.choice(WORDS["place"]); color = rng.choice(WORDS["color"])
+    return f"the {color} {subj} {verb} a {obj} near the {place}."
+
+
+def train_tokenizer(lines, prefix, vocab_size=1024):
+    """A tiny sentencepiece model configured like Mistral's: BPE, byte fallback, digits split,
+    no text normalisation, <unk>=0 <s>=1 </s>=2."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, num_threads=1, minloglevel=2)
+    return prefix + ".model"
+
+
+def ensure_suite(out_dir=SUITE_DIR):
+    """Generate the suite once; later calls reuse it (it takes a few seconds)."""
+    if not os.path.isfile(os.path.join(out_dir, "DONE")):
+        make_suite(out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    print("built-in suite written to", make_suite())

@@ -1,0 +1,169 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data import (IGNORE, Encoded, TrainSampler, Tokenizer, build_sequence, collate, encode_example, encode_tasks,
+                  load_tasks, make_suite, pack, targets_for, train_tokenizer, HELD_IN, HELD_OUT)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat dog ran far away question answer yes no maybe red blue green".split()
+    lines = [" ".join(rng.choice(words, 8)) + f" {rng.integers(1000)}." for _ in range(500)]
+    return Tokenizer(train_tokenizer(lines, str(tmp_path_factory.mktemp("sp") / "sp"), vocab_size=300))
+
+
+TASK = [{"input": "the cat sat", "output": "yes", "options": ["yes", "no"]},
+        {"input": "a dog ran far", "output": "no", "options": ["yes", "no"]},
+        {"input": "red blue", "output": "maybe so", "options": []}]
+
+
+def test_tokenizer_ids_and_round_trip(tok):
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    ids = tok.encode("the cat sat 123.", bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids[1:-1]) == "the cat sat 123."
+    assert tok.encode_continuation("cat") != tok.encode("cat")  # no dummy-prefix '▁' mid-text
+
+
+def test_packed_tokens_equal_full_text_encoding(tok):
+    enc = [encode_example(tok, ex) for ex in TASK]
+    tokens, spans = pack(enc, tok.bos_id)
+    full = "the cat sat\nyes\n\n\na dog ran far\nno\n\n\nred blue\nmaybe so\n"
+    assert tokens == tok.encode(full, bos=True)  # exact, not merely within a token or two
+    assert [tok.decode(tokens[s:e]) for s, e in spans] == ["\nyes\n", "\nno\n", "\nmaybe so\n"]  # "⏎y⏎"
+    assert [tokens[s] for s, _ in spans] == [tok.newline_id] * 3 and all(tokens[e - 1] == tok.newline_id for _, e in spans)
+
+
+def test_masks_position_by_position():
+    # hand-built: <s>=1, x1=[5,6], answer1=[9,7,9], sep+x2=[9,9,8], answer2=[9,4,4,9]
+    ex = [Encoded([5, 6], None, [9, 7, 9], []), Encoded(None, [9, 9, 8], [9, 4, 4, 9], [])]
+    tokens, spans = pack(ex, 1)
+    assert tokens == [1, 5, 6, 9, 7, 9, 9, 9, 8, 9, 4, 4, 9] and spans == [(3, 6), (9, 13)]
+    _ = IGNORE
+    assert targets_for(tokens, spans, "all").tolist() == [_, _, 9, 7, 9, _, _, _, 9, 4, 4, 9, _]
+    assert targets_for(tokens, spans, "last").tolist() == [_, _, _, _, _, _, _, _, 9, 4, 4, 9, _]
+    assert targets_for(tokens, spans, "none").tolist() == tokens[1:] + [_]
+
+
+def test_build_sequence_masks_after_packing(tok):
+    tasks = [{"input": f"question {i}", "output": f"answer {i}", "options": []} for i in range(60)]
+    for mask in ("all", "last", "none"):
+        tokens, targets = build_sequence(tasks, tok, max_len=120, mask=mask, seed=3)
+        assert len(tokens) == len(targets) <= 120 and tokens[0] == tok.bos_id
+        text = tok.decode(tokens[1:])
+        blocks = text.rstrip("\n").split("\n\n\n")
+        inputs = [b.split("\n")[0] for b in blocks]
+        assert len(set(inputs)) == len(inputs)  # never repeated
+        assert all(b == f"question {b.split()[1]}\nanswer {b.split()[1]}" for b in blocks)  # never split
+        sup = targets != IGNORE
+        assert (targets[sup] == tokens[1:][sup[:-1]]).all()  # alignment: targets[t] == tokens[t+1]
+        if mask == "all":   # supervised text is exactly the answers with their newlines
+            assert tok.decode(tokens[1:][sup[:-1]]) == "".join(f"\nanswer {i.split()[1]}\n" for i in inputs)
+        if mask == "last":
+            assert tok.decode(tokens[1:][sup[:-1]]) == f"\nanswer {inputs[-1].split()[1]}\n"
+        if mask == "none":
+            assert sup[:-1].all() and not sup[-1]
+    # adding the next example would overflow: packing stopped at the right place
+    tokens, _ = build_sequence(tasks, tok, max_len=120, seed=3)
+    order = np.random.default_rng(3).permutation(60)
+    nxt = encode_example(tok, tasks[order[len(tok.decode(tokens[1:]).rstrip().split("\n\n\n"))]])
+    assert len(tokens) + len(nxt.input) + len(nxt.answer) > 120
+    assert len(build_sequence(tasks, tok, 10_000, seed=0, max_shots=5)[0]) < 200  # max_shots bounds it
+
+
+def test_sampler_depends_only_on_seed_step_index(tok):
+    tasks = {f"t{j}": [encode_example(tok, {"input": f"q {j} {i}", "output": f"a {i}"}) for i in range(30)] for j in range(4)}
+    s = TrainSampler(tasks, tok.bos_id, 64, seed=7)
+    global_batch = 8
+    def steps(world_size, accum):  # what each (rank, micro-step) would draw, as train.py does
+        out = {}
+        for step in range(3):
+            for rank in range(world_size):
+                for micro in range(accum):
+                    idx = micro * world_size + rank
+                    out[(step, idx)] = s.sequence(step, idx)[0].tolist()
+        return out
+    one, eight = steps(1, global_batch), steps(8, 1)
+    assert one == eight and len(one) == 24
+    assert TrainSampler(tasks, tok.bos_id, 64, seed=7).sequence(2, 5)[0].tolist() == one[(2, 5)]  # resume
+    assert one[(0, 0)] != one[(0, 1)]
+
+
+def test_collate_pads_without_targets():
+    x, y = collate([(np.array([1, 2, 3]), np.array([2, 3, -100])), (np.array([1, 4]), np.array([-100, -100]))])
+    assert x.tolist() == [[1, 2, 3], [1, 4, 0]] and y.tolist() == [[2, 3, -100], [-100, -100, -100]]
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").write(text)
+    return str(path)
+
+
+def test_load_tasks_layouts(tmp_path):
+    line = json.dumps({"task": "x", "input": "a", "output": "b", "options": [], "extra": 1}) + "\n"
+    write(tmp_path / "meta" / "sst2_16_100_train.jsonl", line * 3)
+    write(tmp_path / "meta" / "sst2_16_100_test.jsonl", line * 2)
+    write(tmp_path / "plain" / "copa.jsonl", line)
+    write(tmp_path / "folders" / "rte" / "train.jsonl", line * 4)
+    write(tmp_path / "folders" / "rte" / "test.jsonl", line)
+    tasks = load_tasks([str(tmp_path / "meta"), str(tmp_path / "plain"), str(tmp_path / "folders")], split="train")
+    assert {k: len(v) for k, v in tasks.items()} == {"sst2": 3, "copa": 1, "rte": 4}
+    assert tasks["sst2"][0] == {"input": "a", "output": "b", "options": []}
+    assert {k: len(v) for k, v in load_tasks(str(tmp_path / "folders"), split="test").items()} == {"rte": 1}
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"input": "a", "output": "b"}\n{"input": "a", "output": \n', r"bad.jsonl:2: malformed JSON"),
+    ('{"input": "a"}\n', r"bad.jsonl:1: missing 'output'"),
+    ('{"output": "a"}\n', r"bad.jsonl:1: missing 'input'"),
+    ('{"input": 3, "output": "a"}\n', r"bad.jsonl:1: 'input' must be a string"),
+    ('{"input": "a", "output": "b", "options": "b"}\n', r"bad.jsonl:1: 'options' must be a list"),
+    ('{"input": "a", "output": "c", "options": ["a", "b"]}\n', r"bad.jsonl:1: output 'c' is not one of its options"),
+    ('[1, 2]\n', r"bad.jsonl:1: expected a JSON object"),
+    ('\n\n', r"bad.jsonl: task file is empty"),
+])
+def test_bad_task_files_name_file_and_line(tmp_path, content, message):
+    with pytest.raises(ValueError, match=message):
+        load_tasks(write(tmp_path / "bad.jsonl", content))
+
+
+def test_missing_paths_and_duplicate_tasks(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        load_tasks(str(tmp_path / "nowhere.jsonl"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="empty: folder holds no .jsonl"):
+        load_tasks(str(tmp_path / "empty"))
+    line = '{"input": "a", "output": "b"}\n'
+    a = write(tmp_path / "d" / "sst2_16_100_train.jsonl", line)
+    b = write(tmp_path / "d" / "sst2_16_13_train.jsonl", line)
+    with pytest.raises(ValueError, match="task 'sst2' comes from two files"):
+        load_tasks([a, b])
+    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+        Tokenizer(str(tmp_path / "no.model"))
+
+
+def test_too_long_examples_are_skipped_and_counted(tok):
+    tasks = {"a": [{"input": "cat " * 50, "output": "yes"}, {"input": "cat", "output": "no"}],
+             "b": [{"input": "dog", "output": "yes"}]}
+    enc, skipped = encode_tasks(tasks, tok, max_len=20)
+    assert skipped == 1 and len(enc["a"]) == 1 and len(enc["b"]) == 1
+    with pytest.raises(ValueError, match="task 'a': all 2 examples are longer than seq_len=5"):
+        encode_tasks({"a": tasks["a"]}, tok, max_len=5)
+
+
+def test_suite_is_deterministic_and_needs_context(tmp_path):
+    a, b = make_suite(str(tmp_path / "a"), n_train=20, n_test=5), make_suite(str(tmp_path / "b"), n_train=20, n_test=5)
+    train = load_tasks(os.path.join(a, "train"))
+    assert train == load_tasks(os.path.join(b, "train"))
+    assert len({t.rsplit("_", 1)[0] for t in train}) == len(HELD_IN) >= 8
+    held_out = load_tasks(os.path.join(a, "eval"), split="test")
+    assert len({t.rsplit("_", 1)[0] for t in held_out}) == len(HELD_OUT) >= 4
+    assert any(ex["options"] for exs in train.values() for ex in exs) and any(not ex["options"] for exs in train.values() for ex in exs)
+    # two instances of a family hide different rules: same inputs, different answers
+    cl = [load_tasks(os.path.join(a, "train", f"category_label_{i}.jsonl"))[f"category_label_{i}"] for i in (0, 1)]
+    assert cl[0][0]["options"] != cl[1][0]["options"]
+    Tokenizer(os.path.join(a, "tokenizer.model"))
