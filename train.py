@@ -1,0 +1,359 @@
+"""
+ManyICL training: one task's examples packed to fill the context, a loss on every answer.
+
+    python train.py                                   # tiny model, built-in suite, CPU, minutes
+    python train.py config/mistral7b.py --lr=2e-4     # a config file, then typed overrides
+    torchrun --standalone --nproc_per_node 8 train.py config/mistral7b.py
+
+Single process without torchrun works too; under torchrun it is DDP (NCCL on GPU, gloo on CPU).
+A checkpoint is a directory out_dir/ckpt-NNNNNN holding the weights (full, or the LoRA adapter),
+config.json, tokenizer.model and state.pt; rerunning the same command resumes from the newest.
+"""
+import ast
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import IGNORE, TrainSampler, Tokenizer, collate, encode_tasks, ensure_suite, load_tasks
+from model import PRESETS, ModelArgs, Transformer, flops_per_token, read_hf_config, read_params_json
+from lora import apply_lora, load_lora, save_lora
+
+
+@dataclass
+class TrainConfig:
+    init: str = "scratch"              # "scratch" (fresh model of `preset`) or a checkpoint directory
+    preset: str = "tiny"               # model shape when init=scratch
+    data: str = "data/suite/train"     # comma-separated task files/folders (MetaICL JSONL)
+    eval_data: str = "data/suite/eval" # held-out tasks for the validation loss ("" = none)
+    tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
+    out_dir: str = "out"
+    seq_len: int = 1024                # tokens per packed sequence (32768 for Mistral-7B-v0.3)
+    batch_size: int = 4                # sequences per device per micro-step
+    grad_accum: int = 2                # micro-steps per optimizer step, in total across all ranks
+    max_steps: int = 150
+    lr_decay_steps: int = 0            # cosine reaches min_lr here; 0 means max_steps
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 15
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 1337
+    loss_mask: str = "all"             # all (ManyICL) | last (MetaICL) | none (language modelling)
+    max_shots: int = 0                 # examples per sequence; 0 = as many as fit (ManyICL)
+    task_temperature: float = math.inf # task sampling ∝ size**(1/T); inf = uniform over tasks
+    lora_rank: int = 0                 # 0 = train every weight (the right thing for a random model)
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
+    dtype: str = "auto"                # auto: bfloat16 on GPU, float32 on CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    eval_interval: int = 50
+    eval_sequences: int = 16
+    ckpt_interval: int = 50
+    keep_last: int = 2
+    log_interval: int = 10
+    device: str = "auto"
+
+
+def parse_config(argv):
+    """Defaults, then an optional config file of `key = literal` lines, then --key=value."""
+    cfg, valid = TrainConfig(), {f.name: f.type for f in fields(TrainConfig)}
+    overrides = []
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                sys.exit(f"error: expected --key=value, got {arg!r}")
+            overrides.append((arg[2:].split("=", 1)[0], arg.split("=", 1)[1], "command line"))
+        else:  # a config file: python syntax, but only literal assignments (never exec'd)
+            try:
+                tree = ast.parse(open(arg).read(), arg)
+            except (OSError, SyntaxError) as e:
+                sys.exit(f"error: cannot read config file {arg}: {e}")
+            for node in tree.body:
+                if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                    sys.exit(f"error: {arg}:{node.lineno}: only `key = value` lines are allowed")
+                overrides.append((node.targets[0].id, ast.literal_eval(node.value), f"{arg}:{node.lineno}"))
+    for key, value, where in overrides:
+        if key not in valid:
+            sys.exit(f"error: unknown config key '{key}' ({where}); valid keys: {', '.join(valid)}")
+        try:
+            setattr(cfg, key, convert(value, valid[key]))
+        except ValueError:
+            sys.exit(f"error: bad value {value!r} for '{key}' ({where}): expected {valid[key]}")
+    return cfg
+
+
+def convert(value, typ):
+    if not isinstance(value, str):
+        return typ(value)
+    if typ == "bool" or typ is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1")
+    return {"int": int, "float": float, "str": str}.get(typ, typ)(value)
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_steps, then flat."""
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU, for MFU. None when unknown (and on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+                       ("L40S", 362e12), ("4090", 165e12), ("A10", 125e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def find_checkpoints(out_dir):
+    """Complete checkpoints, oldest first. Incomplete ones still carry a .tmp- name."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("ckpt-"))
+
+
+def tokenizer_path(cfg):
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.init == "scratch":
+        return os.path.join(ensure_suite(), "tokenizer.model")
+    for name in ("tokenizer.model.v3", "tokenizer.model"):
+        if os.path.isfile(os.path.join(cfg.init, name)):
+            return os.path.join(cfg.init, name)
+    raise FileNotFoundError(f"{cfg.init}: no tokenizer.model.v3 or tokenizer.model; set --tokenizer=PATH")
+
+
+def base_model_args(cfg, vocab_size):
+    """The model's shape, read without loading weights (so bad configs fail fast)."""
+    if cfg.init == "scratch":
+        if cfg.preset not in PRESETS:
+            raise ValueError(f"unknown preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
+        return ModelArgs(**{**PRESETS[cfg.preset], "vocab_size": vocab_size})
+    if os.path.isfile(os.path.join(cfg.init, "params.json")):
+        return read_params_json(os.path.join(cfg.init, "params.json"))
+    if os.path.isfile(os.path.join(cfg.init, "config.json")):
+        return read_hf_config(os.path.join(cfg.init, "config.json"), [])
+    raise FileNotFoundError(f"init={cfg.init}: not 'scratch' and not a checkpoint directory (no params.json/config.json)")
+
+
+def main(argv):
+    cfg = parse_config(argv)
+
+    # ---- distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1
+    ddp = "RANK" in os.environ
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    master = rank == 0
+    print0 = lambda *a: master and print(*a, flush=True)
+    dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32, "float16": torch.float16}[cfg.dtype]
+
+    # ---- validate everything cheap before anything heavy (every rank fails with the same message)
+    if cfg.grad_accum % world:
+        raise ValueError(f"grad_accum={cfg.grad_accum} (total micro-steps) is not divisible by world size {world}")
+    if cfg.loss_mask not in ("all", "last", "none"):
+        raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
+    micro_steps = cfg.grad_accum // world
+    tok = Tokenizer(tokenizer_path(cfg))
+    args = base_model_args(cfg, tok.vocab_size)
+    if args.max_seq_len is not None and cfg.seq_len > args.max_seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
+    if tok.vocab_size > args.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces, the model only {args.vocab_size}")
+    if cfg.data == TrainConfig.data:
+        ensure_suite()
+    train_tasks, skipped = encode_tasks(load_tasks(cfg.data.split(","), split="train"), tok, cfg.seq_len)
+    shots = cfg.max_shots or None
+    sampler = TrainSampler(train_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed, cfg.task_temperature, shots)
+    val_sampler = None
+    if cfg.eval_data:
+        val_tasks, _ = encode_tasks(load_tasks(cfg.eval_data.split(","), split="train"), tok, cfg.seq_len)
+        val_sampler = TrainSampler(val_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed + 1, math.inf, shots)
+    print0(f"{len(train_tasks)} training tasks, {sum(map(len, train_tasks.values()))} examples "
+           f"({skipped} skipped: longer than seq_len={cfg.seq_len}); world size {world}, "
+           f"{micro_steps} micro-steps x {cfg.batch_size} sequences per rank, global batch {cfg.batch_size * cfg.grad_accum}")
+
+    # ---- model: fresh, or loaded; then LoRA; then resume
+    ckpts = find_checkpoints(cfg.out_dir)
+    resume = ckpts[-1] if ckpts else None
+    if cfg.init == "scratch":
+        source = resume if resume and cfg.lora_rank == 0 else None
+        model = Transformer.from_pretrained(source) if source else Transformer(args).init_weights(cfg.seed)
+        model = model.to(device)  # trained weights stay fp32; autocast does bf16 matmuls on GPU
+    else:
+        base_dtype = dtype if cfg.lora_rank else torch.float32  # frozen base in bf16; full FT in fp32
+        model = Transformer.from_pretrained(resume if resume and cfg.lora_rank == 0 else cfg.init, device, base_dtype)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
+        if resume:
+            load_lora(model, os.path.join(resume, "lora.safetensors"))
+    model.activation_checkpointing = cfg.activation_checkpointing
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable")
+    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95), fused=use_cuda)
+    step = 0
+    if resume:
+        state = torch.load(os.path.join(resume, "state.pt"), map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print0(f"resuming from {resume} at step {step}")
+    forward = torch.compile(model) if cfg.compile else model
+    if ddp:  # DDP over trainable parameters only: frozen base weights are neither broadcast nor bucketed
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if not p.requires_grad])
+        forward = DDP(forward, device_ids=[local_rank] if use_cuda else None)
+    autocast = torch.autocast("cuda", dtype=dtype, enabled=use_cuda and dtype != torch.float32)
+
+    # ---- pre-emption: finish the step, write a checkpoint, exit cleanly
+    stop = {"requested": False}
+    def on_signal(signum, frame):
+        stop["requested"] = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def all_reduce(values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def save_checkpoint(step):
+        final = os.path.join(cfg.out_dir, f"ckpt-{step:06d}")
+        if master and not os.path.isdir(final):
+            tmp = os.path.join(cfg.out_dir, f".tmp-ckpt-{step:06d}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            if cfg.lora_rank:
+                save_lora(model, os.path.join(tmp, "lora.safetensors"))
+            else:
+                model.save_pretrained(tmp)
+            shutil.copy(tok.path, os.path.join(tmp, "tokenizer.model"))
+            json.dump({**asdict(cfg), "lora_targets": cfg.lora_targets.split(","), "step": step},
+                      open(os.path.join(tmp, "config.json"), "w"), indent=2)
+            torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(tmp, "state.pt"))
+            open(os.path.join(tmp, "DONE"), "w").write(str(step))
+            os.replace(tmp, final)  # atomic: a crash never leaves a half checkpoint named ckpt-*
+            for old in find_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
+                shutil.rmtree(old)
+        if ddp:
+            dist.barrier()
+
+    @torch.no_grad()
+    def validation_loss():
+        """Token-weighted loss on fixed held-out sequences, sharded over ranks."""
+        model.eval()
+        loss_sum, count = 0.0, 0
+        for i in range(rank, cfg.eval_sequences, world):
+            x, y = (t.to(device) for t in collate([val_sampler.sequence(0, i)]))
+            n = int((y != IGNORE).sum())
+            with autocast:
+                loss_sum += model(x, y).item() * n
+            count += n
+        model.train()
+        loss_sum, count = all_reduce([loss_sum, count])
+        return loss_sum / max(count, 1)
+
+    # ---- the loop
+    flops = flops_per_token(args, cfg.seq_len, lora=cfg.lora_rank > 0)
+    peak = peak_flops(device)
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master and os.makedirs(cfg.out_dir, exist_ok=True) is None else None
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    model.train()
+    while step < cfg.max_steps:
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 100_003 + step * 1009 + rank)  # dropout RNG: a function of (step, rank)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # this rank's micro-batches; global index = (micro * world + rank) * batch_size + b,
+        # so the global batch is the same whatever the world size
+        batches = [collate([sampler.sequence(step, (m * world + rank) * cfg.batch_size + b) for b in range(cfg.batch_size)])
+                   for m in range(micro_steps)]
+        local_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
+        local_tokens = sum(x.numel() for x, _ in batches)
+        total_targets, total_tokens = all_reduce([local_targets, local_tokens])
+        loss_sum = 0.0
+        for m, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            n = int((y != IGNORE).sum())
+            if ddp:
+                forward.require_backward_grad_sync = m == micro_steps - 1  # sync grads only on the last micro-step
+            with autocast:
+                loss = forward(x, y)
+            # mean over this micro-batch's targets -> share of the global token-weighted mean;
+            # times world because DDP averages gradients over ranks
+            (loss * n / total_targets * world).backward()
+            loss_sum += loss.item() * n
+        loss_sum, = all_reduce([loss_sum])
+        step_loss = loss_sum / total_targets
+        if not math.isfinite(step_loss):
+            raise RuntimeError(f"non-finite loss {step_loss} at step {step + 1}; stopping without a checkpoint")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        dt = time.time() - t0
+        entry = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "ms": dt * 1000,
+                 "tokens_per_s": total_tokens / dt, "target_tokens_per_s": total_targets / dt}
+        if peak:
+            entry["mfu"] = flops * total_tokens / dt / (peak * world)
+            entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if val_sampler and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            entry["val_loss"] = validation_loss()
+        if master:
+            log.write(json.dumps(entry) + "\n"); log.flush()
+            if step % cfg.log_interval == 0 or step == cfg.max_steps or "val_loss" in entry:
+                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+        stop_now, = all_reduce([float(stop["requested"])])
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop_now:
+            save_checkpoint(step)
+        if stop_now:
+            print0(f"signal received: checkpoint written at step {step}, exiting")
+            break
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # a message, not a traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        sys.exit(f"error: {e}  [{os.path.basename(where.filename)}:{where.lineno}]")
