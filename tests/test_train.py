@@ -1,0 +1,143 @@
+"""train.py end to end, as users run it: subprocesses, 2-process gloo DDP, resume, signals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data import make_suite
+from model import ModelArgs, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    return make_suite(str(tmp_path_factory.mktemp("suite")), instances=(2, 1), n_train=80, n_test=10)
+
+
+def common(suite, out, **kw):
+    cfg = dict(data=f"{suite}/train", eval_data=f"{suite}/eval", tokenizer=f"{suite}/tokenizer.model", out_dir=out,
+               seq_len=96, batch_size=1, grad_accum=2, max_steps=3, warmup_steps=1, eval_interval=2, eval_sequences=2,
+               log_interval=1, ckpt_interval=100, lr=3e-3)
+    cfg.update(kw)
+    return [f"--{k}={v}" for k, v in cfg.items() if v is not None]  # None: leave the key alone
+
+
+def run(args, nproc=1, check=True, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py"] if nproc == 1 else \
+          [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    p = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def losses(out):
+    return [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))]
+
+
+def final_weights(out):
+    ckpt = sorted(d for d in os.listdir(out) if d.startswith("ckpt-"))[-1]
+    return load_file(os.path.join(out, ckpt, "consolidated.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < atol, worst
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(suite, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run(common(suite, one, grad_accum=2))
+    p = run(common(suite, two, grad_accum=2), nproc=2)
+    assert "world size 2, 1 micro-steps" in p.stdout
+    assert losses(one) == pytest.approx(losses(two), abs=1e-5)
+    assert_same_weights(final_weights(one), final_weights(two), atol=1e-5)
+    # grad_accum is the global count: a world size that does not divide it is a clear error
+    p = run(common(suite, str(tmp_path / "bad"), grad_accum=3), nproc=2, check=False)
+    assert p.returncode != 0 and "grad_accum=3 (total micro-steps) is not divisible by world size 2" in p.stderr
+
+
+def test_resume_is_exact(suite, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run(common(suite, straight, max_steps=6, lr_decay_steps=6))
+    run(common(suite, resumed, max_steps=3, lr_decay_steps=6))
+    p = run(common(suite, resumed, max_steps=6, lr_decay_steps=6))
+    assert "resuming from" in p.stdout and "ckpt-000003" in p.stdout
+    assert losses(resumed)[3:] == pytest.approx(losses(straight)[3:], abs=1e-6)
+    assert_same_weights(final_weights(straight), final_weights(resumed), atol=1e-6)
+    assert sorted(os.listdir(resumed)) == ["ckpt-000003", "ckpt-000006", "log.jsonl"]  # keep_last=2, no .tmp left
+
+
+def test_sigterm_writes_loadable_checkpoint(suite, tmp_path):
+    out = str(tmp_path / "sig")
+    cmd = [sys.executable, "train.py"] + common(suite, out, max_steps=10_000, eval_interval=10_000)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(log) and os.path.getsize(log) > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    assert "signal received: checkpoint written" in stdout
+    ckpts = [d for d in os.listdir(out) if d.startswith("ckpt-")]
+    assert len(ckpts) == 1 and not any(d.startswith(".tmp") for d in os.listdir(out))
+    Transformer.from_pretrained(os.path.join(out, ckpts[0]))
+
+
+def test_loss_decreases_on_tiny_default(suite, tmp_path):
+    out = str(tmp_path / "learn")
+    run(common(suite, out, max_steps=40, seq_len=256, batch_size=2, warmup_steps=5, eval_interval=40))
+    l = losses(out)
+    assert sum(l[-5:]) / 5 < 0.6 * sum(l[:3]) / 3, l
+    last = json.loads(open(os.path.join(out, "log.jsonl")).readlines()[-1])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "target_tokens_per_s", "val_loss"} <= last.keys()
+
+
+def test_lora_on_pretrained_checkpoint_trains_only_adapter(suite, tmp_path):
+    base_dir = str(tmp_path / "base")
+    args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                     norm_eps=1e-5, vocab_size=1024, rope_theta=1e6, max_seq_len=512)
+    Transformer(args).init_weights(3).save_pretrained(base_dir)
+    out = str(tmp_path / "lora")
+    run(common(suite, out, init=base_dir, lora_rank=4, lora_alpha=8, lr=1e-2))
+    ckpt = os.path.join(out, "ckpt-000003")
+    adapter = load_file(os.path.join(ckpt, "lora.safetensors"))
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    assert len(adapter) == 2 * 7 * args.n_layers
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B moved away from zero
+    assert not os.path.exists(os.path.join(ckpt, "consolidated.safetensors"))  # no base weights saved
+    p = run(common(suite, str(tmp_path / "long"), init=base_dir, lora_rank=4, seq_len=1024), check=False)
+    assert "seq_len=1024 exceeds the model's max_seq_len=512" in p.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nope=1"], "unknown config key 'nope'"),
+    (["--max_steps=abc"], "bad value 'abc' for 'max_steps'"),
+    (["--compile=maybe"], "bad value 'maybe' for 'compile'"),
+    (["--loss_mask=some"], "loss_mask must be all, last or none"),
+    (["--data=/nonexistent/tasks"], "/nonexistent/tasks: no such task file or folder"),
+    (["--init=/nonexistent/model"], "init=/nonexistent/model: not 'scratch' and not a checkpoint directory"),
+    (["config/does_not_exist.py"], "cannot read config file config/does_not_exist.py"),
+])
+def test_bad_config_fails_fast_with_clear_message(suite, tmp_path, args, message):
+    p = run(common(suite, str(tmp_path / "x")) + args, check=False)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_config_file_then_overrides(suite, tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("max_steps = 1\nlr = 1e-3\nloss_mask = 'last'\n")
+    out = str(tmp_path / "c")
+    run([str(cfg)] + common(suite, out, max_steps=2, lr=None))
+    saved = json.load(open(os.path.join(out, "ckpt-000002", "config.json")))
+    assert saved["loss_mask"] == "last" and saved["max_steps"] == 2 and saved["lr"] == 1e-3
