@@ -233,11 +233,11 @@ class TrainSampler:
                               max_shots=self.max_shots, bos_id=self.bos_id)
 
 
-def collate(sequences):
-    """Right-pad a list of (tokens, targets) to one (B, T) pair. Padding is never a target, and
-    causal attention keeps real tokens from seeing it."""
+def collate(sequences, pad_to=None):
+    """Right-pad a list of (tokens, targets) to one (B, T) pair (T = pad_to, or the longest).
+    Padding is never a target, and causal attention keeps real tokens from seeing it."""
     import torch
-    T = max(len(t) for t, _ in sequences)
+    T = pad_to or max(len(t) for t, _ in sequences)
     tokens = torch.zeros(len(sequences), T, dtype=torch.long)
     targets = torch.full((len(sequences), T), IGNORE, dtype=torch.long)
     for i, (tok, tgt) in enumerate(sequences):

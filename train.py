@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import IGNORE, TrainSampler, Tokenizer, collate, encode_tasks, ensure_suite, load_tasks
-from model import PRESETS, ModelArgs, Transformer, flops_per_token, read_hf_config, read_params_json
+from model import PRESETS, ModelArgs, Transformer, flops_per_token, read_hf_config, read_params_json, sdpa_backend
 from lora import apply_lora, load_lora, save_lora
 
 
@@ -58,7 +58,8 @@ class TrainConfig:
     lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
     dtype: str = "auto"                # auto: bfloat16 on GPU, float32 on CPU
     compile: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | full (each block) | selective (keep attention outputs)
+    sdpa_backend: str = "auto"         # auto | cudnn | flash | efficient | math (see bench.py)
     eval_interval: int = 50
     eval_sequences: int = 16
     ckpt_interval: int = 50
@@ -67,9 +68,10 @@ class TrainConfig:
     device: str = "auto"
 
 
-def parse_config(argv):
+def parse_config(argv, config_class=None):
     """Defaults, then an optional config file of `key = literal` lines, then --key=value."""
-    cfg, valid = TrainConfig(), {f.name: f.type for f in fields(TrainConfig)}
+    config_class = config_class or TrainConfig
+    cfg, valid = config_class(), {f.name: f.type for f in fields(config_class)}
     overrides = []
     for arg in argv:
         if arg.startswith("--"):
@@ -103,6 +105,13 @@ def convert(value, typ):
             raise ValueError(value)
         return value.lower() in ("true", "1")
     return {"int": int, "float": float, "str": str}.get(typ, typ)(value)
+
+
+def checkpointing_mode(name):
+    modes = {"none": False, "full": True, "selective": "selective"}
+    if name not in modes:
+        raise ValueError(f"activation_checkpointing must be none, full or selective; got '{name}'")
+    return modes[name]
 
 
 def lr_at(step, cfg):
@@ -184,6 +193,7 @@ def main(argv):
     if cfg.loss_mask not in ("all", "last", "none"):
         raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
     micro_steps = cfg.grad_accum // world
+    sdpa_backend(cfg.sdpa_backend), checkpointing_mode(cfg.activation_checkpointing)  # validate names
     tok = Tokenizer(tokenizer_path(cfg))
     args = base_model_args(cfg, tok.vocab_size)
     if args.max_seq_len is not None and cfg.seq_len > args.max_seq_len:
@@ -217,7 +227,7 @@ def main(argv):
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
         if resume:
             load_lora(model, os.path.join(resume, "lora.safetensors"))
-    model.activation_checkpointing = cfg.activation_checkpointing
+    model.activation_checkpointing = checkpointing_mode(cfg.activation_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable")
@@ -301,10 +311,12 @@ def main(argv):
             group["lr"] = lr
         # this rank's micro-batches; global index = (micro * world + rank) * batch_size + b,
         # so the global batch is the same whatever the world size
-        batches = [collate([sampler.sequence(step, (m * world + rank) * cfg.batch_size + b) for b in range(cfg.batch_size)])
-                   for m in range(micro_steps)]
+        sequences = [[sampler.sequence(step, (m * world + rank) * cfg.batch_size + b) for b in range(cfg.batch_size)]
+                     for m in range(micro_steps)]
+        pad_to = cfg.seq_len if cfg.compile else None  # fixed shapes: a compiled model never recompiles
+        batches = [collate(seqs, pad_to) for seqs in sequences]
         local_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
-        local_tokens = sum(x.numel() for x, _ in batches)
+        local_tokens = sum(len(tokens) for seqs in sequences for tokens, _ in seqs)  # real tokens, no padding
         total_targets, total_tokens = all_reduce([local_targets, local_tokens])
         loss_sum = 0.0
         for m, (x, y) in enumerate(batches):
@@ -312,11 +324,12 @@ def main(argv):
             n = int((y != IGNORE).sum())
             if ddp:
                 forward.require_backward_grad_sync = m == micro_steps - 1  # sync grads only on the last micro-step
-            with autocast:
-                loss = forward(x, y)
-            # mean over this micro-batch's targets -> share of the global token-weighted mean;
-            # times world because DDP averages gradients over ranks
-            (loss * n / total_targets * world).backward()
+            with sdpa_backend(cfg.sdpa_backend):
+                with autocast:
+                    loss = forward(x, y)
+                # mean over this micro-batch's targets -> share of the global token-weighted mean;
+                # times world because DDP averages gradients over ranks
+                (loss * n / total_targets * world).backward()
             loss_sum += loss.item() * n
         loss_sum, = all_reduce([loss_sum])
         step_loss = loss_sum / total_targets
