@@ -124,7 +124,10 @@ class Attention(nn.Module):
             k, v = cache.k[layer_id][:B, :, :end], cache.v[layer_id][:B, :, :end]
             if mask is None and T > 1:  # causal, aligned to the bottom-right (queries are last)
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, *repeat_kv(k, v, self.n_heads), attn_mask=mask)
+            if SDPA_HAS_GQA:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            else:
+                y = F.scaled_dot_product_attention(q, *repeat_kv(k, v, self.n_heads), attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -144,7 +147,7 @@ def sdpa_backend(name):
 
 
 def repeat_kv(k, v, n_heads):
-    """Fallback for masked/old-torch attention: each KV head serves n_heads // n_kv_heads queries."""
+    """Fallback for torch < 2.5: each KV head serves n_heads // n_kv_heads query heads."""
     rep = n_heads // k.shape[1]
     return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
@@ -210,7 +213,10 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
-        self.check_length(start + T)
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {start} filled + {T} new do not fit")
+        # the longest context any token sees: its position + 1 (packed eval segments share a cache)
+        self.check_length(int(positions.max()) + 1 if cache is not None else T)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
 
         h = self.tok_embeddings(tokens)

@@ -216,13 +216,15 @@ def main(argv):
     # ---- model: fresh, or loaded; then LoRA; then resume
     ckpts = find_checkpoints(cfg.out_dir)
     resume = ckpts[-1] if ckpts else None
-    if cfg.init == "scratch":
-        source = resume if resume and cfg.lora_rank == 0 else None
-        model = Transformer.from_pretrained(source) if source else Transformer(args).init_weights(cfg.seed)
-        model = model.to(device)  # trained weights stay fp32; autocast does bf16 matmuls on GPU
+    weights_dtype = dtype if cfg.lora_rank else torch.float32  # frozen base in bf16; trained weights fp32
+    if resume and not cfg.lora_rank:
+        model = Transformer.from_pretrained(resume, device, weights_dtype)
+    elif cfg.init == "scratch":  # random init on the CPU (reproducible: eval rebuilds it as the baseline)
+        with torch.device("meta"):
+            model = Transformer(args)
+        model = model.to_empty(device="cpu").init_weights(cfg.seed).to(device, weights_dtype)
     else:
-        base_dtype = dtype if cfg.lora_rank else torch.float32  # frozen base in bf16; full FT in fp32
-        model = Transformer.from_pretrained(resume if resume and cfg.lora_rank == 0 else cfg.init, device, base_dtype)
+        model = Transformer.from_pretrained(cfg.init, device, weights_dtype)
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
         if resume:

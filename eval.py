@@ -1,0 +1,572 @@
+"""
+k-shot evaluation of a ManyICL checkpoint on held-out tasks, base model vs trained, and the
+forgetting check (perplexity of a long text at several context lengths).
+
+    python eval.py                                     # newest checkpoint in out/, built-in suite
+    python eval.py --ckpt out/ckpt-000300 --tasks my_tasks/ --ks 0,16,max --seeds 100,13
+    python eval.py --ppl_file book.txt --ppl_lengths 1024,4096,16384,32768
+
+Held-out tasks (--tasks: files and/or folders, read by data.load_tasks) each need a demonstration
+pool (split "train") and a test set (split "test"):
+    {task}/train.jsonl + {task}/test.jsonl           the built-in suite: data/suite/eval/ (data.ensure_suite)
+    {task}_{k}_{seed}_train.jsonl + ..._test.jsonl   MetaICL's files; pass one seed's pair per task
+
+For each k and seed the demonstrations are the first k of np.random.default_rng(seed).permutation
+of the pool ("max": as many as fit in seq_len, leaving room for the task's longest test query and
+answer), the same for every query of the task (MetaICL), packed by data.pack: the function that
+builds training sequences, so prompts are token-identical to them. Scores are the mean and the
+worst over seeds of each task's main metric, then macro-averaged over tasks.
+  options:   each option's answer span "⏎ option ⏎" (exactly what training supervises) is scored by
+             its mean per-token loss, lowest wins; accuracy (main metric) and macro-F1.
+  free-form: greedy generation until the answer's closing newline; ROUGE-L (main), exact match, token F1.
+
+Shared prefix: every query of a task at one (k, seed) follows the same demonstrations, so they are
+encoded once into a KV cache; then many queries (x options) are packed *after* it in one row, each
+attending to the prefix and to its own tokens only (a block mask), at its own positions. Rewinding
+cache.length to the prefix discards them. Perplexity: see `perplexity`.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
+
+import data
+from model import PRESETS, KVCache, ModelArgs, Transformer, read_json
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def rouge_tokens(text):
+    # the rouge-score package's default tokenizer: lowercase, non-alphanumeric runs -> space, no stemming
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def lcs_length(a, b):
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction, reference):
+    """ROUGE-L F-measure (beta=1): longest common subsequence of tokens; empty -> 0.0."""
+    p, r = rouge_tokens(prediction), rouge_tokens(reference)
+    lcs = lcs_length(p, r) if p and r else 0
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction, reference):
+    """SQuAD-style F1 over bags of lowercase whitespace tokens."""
+    p, r = prediction.lower().split(), reference.lower().split()
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    return 0.0 if common == 0 else 2 * common / (len(p) + len(r))
+
+
+def macro_f1(predictions, golds):
+    """Mean F1 over the classes gold or predicted at least once (sklearn's 'macro'): a gold class
+    never predicted scores 0; a class neither predicted nor gold does not count."""
+    scores = []
+    for c in sorted(set(golds) | set(predictions)):
+        tp = sum(p == c and g == c for p, g in zip(predictions, golds))
+        scores.append(2 * tp / (predictions.count(c) + golds.count(c)))  # 2tp / (2tp + fp + fn)
+    return sum(scores) / len(scores)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def find_checkpoint(path):
+    """`path` itself if it is a complete checkpoint, else the newest complete ckpt-* in it."""
+    if os.path.isfile(os.path.join(path, "DONE")):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint or output folder")
+    done = [(int(m[1]), d) for d in os.listdir(path)
+            if (m := re.fullmatch(r"ckpt-(\d+)", d)) and os.path.isfile(os.path.join(path, d, "DONE"))]
+    if not done:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (a ckpt-* folder holding DONE; "
+                                f"ones still being written have none)")
+    return os.path.join(path, max(done)[1])
+
+
+def load_models(path, device, dtype, base=True):
+    """(base, trained, tokenizer, config) from a checkpoint or an out_dir (its newest checkpoint).
+    The base is what training started from: the random init of init='scratch' (same seed, same
+    shape), else the model in `init`. base=False skips it (None)."""
+    ckpt = find_checkpoint(path)
+    config = dict(read_json(os.path.join(ckpt, "config.json")), checkpoint=ckpt)
+    tok_path = os.path.join(ckpt, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"{tok_path}: tokenizer not found (train.py copies it into every checkpoint)")
+    tok = data.Tokenizer(tok_path)
+
+    def initial_model(args):
+        if config["init"] != "scratch":
+            return Transformer.from_pretrained(config["init"], device, dtype)
+        args = args or ModelArgs(**{**PRESETS[config["preset"]], "vocab_size": tok.vocab_size})  # as train.py
+        return Transformer(args).init_weights(config["seed"]).to(device, dtype)  # on the CPU, as train.py
+
+    if config.get("lora_rank"):  # an adapter on top of the initial model
+        from lora import apply_lora, load_lora, merge_lora
+        adapter = os.path.join(ckpt, "lora.safetensors")
+        if not os.path.isfile(adapter):
+            raise FileNotFoundError(f"{adapter}: adapter not found (config lora_rank={config['lora_rank']})")
+        base_model = initial_model(None)
+        trained = copy.deepcopy(base_model) if base else base_model
+        apply_lora(trained, config["lora_rank"], config["lora_alpha"], targets=config["lora_targets"])
+        load_lora(trained, adapter)  # its errors name the file and the mismatching key or setting
+        merge_lora(trained)          # W + BA folded once: eval runs at the base model's speed
+        base_model = base_model if base else None
+    else:  # every weight trained: the checkpoint holds them all
+        trained = Transformer.from_pretrained(ckpt, device, dtype)
+        base_model = initial_model(trained.args) if base else None
+    if tok.vocab_size > trained.args.vocab_size:
+        raise ValueError(f"{tok_path}: {tok.vocab_size} tokens, the model has only {trained.args.vocab_size}")
+    for m in (base_model, trained):
+        if m is not None:
+            m.eval()
+    return base_model, trained, tok, config
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def query_input(query, n_demos):
+    """A query's tokens as pack() places them: right after <s>, or after an example separator."""
+    return query.first_input if n_demos == 0 else query.input
+
+
+def answer_room(queries, n_demos):
+    """Tokens the longest test query plus its longest answer (or option) needs after the prefix."""
+    return max(len(query_input(q, n_demos)) + max(map(len, q.options or [q.answer])) for q in queries)
+
+
+def draw_demos(pool, k, seed, seq_len, room):
+    """The first k of the seed's permutation of the pool (k='max': as many as fit, in that order).
+    Returns (demos, None), or (None, why not) when they cannot be drawn or do not fit."""
+    order = np.random.default_rng(seed).permutation(len(pool))
+    if k == "max":
+        demos, length = [], 1
+        for i in order:
+            cost = len(query_input(pool[i], len(demos))) + len(pool[i].answer)
+            if length + cost + room > seq_len:
+                break
+            demos.append(pool[i])
+            length += cost
+        return demos, None
+    if k > len(pool):
+        return None, f"k={k} is larger than the demonstration pool ({len(pool)} examples)"
+    demos = [pool[i] for i in order[:k]]
+    length = len(data.pack(demos, 0)[0])
+    if length + room > seq_len:
+        return None, (f"k={k} demonstrations (seed {seed}) take {length} tokens, plus {room} for the "
+                      f"longest test query and answer: more than seq_len={seq_len}")
+    return demos, None
+
+
+# ----------------------------------------------------------------------------- cached scoring
+
+
+# cuDNN's attention builds an execution plan for every new shape (~50 ms each on an H100, measured),
+# and here every prompt and every decode step has a new key length: use the other kernels.
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def new_cache(model, max_len):
+    a, w = model.args, model.tok_embeddings.weight
+    return KVCache(a, 1, max_len, w.device, w.dtype)
+
+
+def prefill(model, cache, prefix, chunk=4096):
+    """Encode the shared prefix into an emptied cache. Returns the logits after its last token
+    (they predict a segment's first token when its input is empty). Chunks bound the (chunk,
+    length) mask model.py builds; all-IGNORE targets skip the output layer, so no (P, vocab) logits."""
+    if len(prefix) + 1 > cache.max_len:
+        raise ValueError(f"prefix of {len(prefix)} tokens leaves no room in a cache of {cache.max_len}")
+    cache.length = 0
+    ids = torch.tensor(prefix, device=cache.k[0].device)
+    with sdpa_kernel(NO_CUDNN):
+        for i in range(0, len(prefix) - 1, chunk):
+            piece = ids[i:min(i + chunk, len(prefix) - 1)][None]
+            model(piece, targets=torch.full_like(piece, data.IGNORE), cache=cache)
+        return model(ids[None, -1:], cache=cache)[0, -1]
+
+
+def extend(model, cache, prefix_len, tokens, seg, pos, slot_seg):
+    """Append one row of tokens to the cache and return their logits (T, vocab). Token i belongs
+    to segment seg[i] at position pos[i]: it attends to the whole prefix, to the cache slots of its
+    own segment (slot prefix_len + j belongs to slot_seg[j]) and to its segment's tokens up to
+    itself in this row; never to another segment. slot_seg is extended with seg."""
+    assert cache.length == prefix_len + len(slot_seg)
+    dev = cache.k[0].device
+    s = torch.tensor(seg, device=dev)
+    mask = torch.cat([torch.ones(len(seg), prefix_len, dtype=torch.bool, device=dev),
+                      s[:, None] == torch.tensor(slot_seg, dtype=torch.long, device=dev)[None, :],
+                      (s[:, None] == s[None, :]).tril()], dim=1)  # segments are contiguous, in order
+    with sdpa_kernel(NO_CUDNN):
+        logits = model(torch.tensor(tokens, device=dev)[None], cache=cache,
+                       positions=torch.tensor(pos, device=dev), mask=mask)[0]
+    slot_seg += seg
+    return logits
+
+
+def batches(sizes, budget):
+    """Consecutive groups of indices whose sizes sum to at most budget (a bigger item goes alone)."""
+    group, used = [], 0
+    for i, n in enumerate(sizes):
+        if group and used + n > budget:
+            yield group
+            group, used = [], 0
+        group.append(i)
+        used += n
+    if group:
+        yield group
+
+
+@torch.inference_mode()
+def score_options(model, prefix_tokens, segments, batch_tokens=2048, cache=None):
+    """Mean per-token loss of each segment's answer, every segment (input tokens, answer tokens)
+    following the shared prefix. The prefix is encoded once; segments are packed into rows of
+    about batch_tokens tokens."""
+    sizes = [len(x) + len(y) for x, y in segments]
+    cache = cache or new_cache(model, len(prefix_tokens) + max(batch_tokens, max(sizes)))
+    last = prefill(model, cache, prefix_tokens)
+    P = cache.length
+    if max(sizes) > cache.max_len - P:
+        raise ValueError(f"a segment of {max(sizes)} tokens does not fit after a prefix of {P} (cache of {cache.max_len})")
+    losses = []
+    for group in batches(sizes, min(batch_tokens, cache.max_len - P)):
+        cache.length = P  # drop the previous batch's segments
+        tokens, seg, pos, rows, targets, owner = [], [], [], [], [], []
+        for n, j in enumerate(group):
+            x, y = segments[j]
+            assert y, "an answer span is never empty ('⏎ y ⏎')"
+            start = len(tokens)
+            tokens += x + y
+            seg += [j] * (len(x) + len(y))
+            pos += range(P, P + len(x) + len(y))
+            # logits at t predict token t+1; an empty input's first answer token is predicted by the
+            # prefix's last logits, appended as row -1 below
+            rows += [start + len(x) + t - 1 if len(x) + t > 0 else -1 for t in range(len(y))]
+            targets += y
+            owner += [n] * len(y)
+        logits = torch.cat([extend(model, cache, P, tokens, seg, pos, []), last[None]])
+        dev = logits.device
+        nll = F.cross_entropy(logits[torch.tensor(rows, device=dev)], torch.tensor(targets, device=dev), reduction="none")
+        owner = torch.tensor(owner, device=dev)
+        sums = torch.zeros(len(group), device=dev).index_add_(0, owner, nll)
+        losses += (sums / torch.bincount(owner, minlength=len(group))).tolist()
+    cache.length = P
+    return losses
+
+
+@torch.inference_mode()
+def score_options_uncached(model, prefix_tokens, segments):
+    """The reference: each prompt re-encoded from scratch with a plain causal forward, the loss on
+    its answer span exactly as training computes it (targets_for, mask 'last'). For tests and bench."""
+    dev = model.tok_embeddings.weight.device
+    losses = []
+    for x, y in segments:
+        tokens = prefix_tokens + x + y
+        targets = data.targets_for(tokens, [(len(tokens) - len(y), len(tokens))], "last")
+        losses.append(model(torch.tensor(tokens, device=dev)[None], torch.as_tensor(targets, device=dev)[None]).item())
+    return losses
+
+
+@torch.inference_mode()
+def generate(model, prefix_tokens, inputs, stop_id, eos_id, max_new_tokens=32, batch_tokens=2048, cache=None):
+    """Greedy continuations of every input after the shared prefix. An answer span is '⏎ y ⏎', so
+    the model first emits the opening newline; a continuation ends at the second stop_id (the
+    closing newline), at eos, or after max_new_tokens (the stopping token counts, and is not
+    returned). Several inputs decode together, one row per step, each token at its own position."""
+    cache = cache or new_cache(model, len(prefix_tokens) + max(batch_tokens, max(map(len, inputs)) + max_new_tokens))
+    last = prefill(model, cache, prefix_tokens)
+    P = cache.length
+    caps = [min(max_new_tokens, cache.max_len - P - len(x)) for x in inputs]  # never past the cache
+    if min(caps) < 1:
+        raise ValueError(f"an input of {max(map(len, inputs))} tokens leaves no room after a prefix of {P} (cache of {cache.max_len})")
+    out = [[] for _ in inputs]
+    for group in batches([len(x) + c for x, c in zip(inputs, caps)], min(batch_tokens, cache.max_len - P)):
+        cache.length, slot_seg = P, []
+        # all inputs in one row; the logits at each one's last token give its first new token
+        tokens, seg, pos, ends = [], [], [], []
+        for j in group:
+            tokens += inputs[j]
+            seg += [j] * len(inputs[j])
+            pos += range(P, P + len(inputs[j]))
+            ends.append(len(tokens) - 1 if inputs[j] else -1)  # -1: the prefix's last logits
+        logits = extend(model, cache, P, tokens, seg, pos, slot_seg) if tokens else last[None, :0]
+        next_ids = torch.cat([logits, last[None]])[torch.tensor(ends, device=last.device)].argmax(-1).tolist()
+        active, newlines = group, dict.fromkeys(group, 0)
+        while True:
+            feed = []
+            for j, t in zip(active, next_ids):
+                if t == eos_id or (t == stop_id and newlines[j] == 1):
+                    continue  # the answer's closing newline (or eos): done
+                newlines[j] += t == stop_id
+                out[j].append(t)
+                if len(out[j]) < caps[j]:
+                    feed.append(j)
+            if not feed:
+                break
+            active = feed
+            logits = extend(model, cache, P, [out[j][-1] for j in active], active,
+                            [P + len(inputs[j]) + len(out[j]) - 1 for j in active], slot_seg)
+            next_ids = logits.argmax(-1).tolist()
+    cache.length = P
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tokens):
+    """Metrics of every query (raw example, Encoded) after one set of demonstrations, and how many
+    tokens were forwarded with the shared prefix versus re-encoding every prompt from scratch."""
+    prefix = data.pack(demos, tok.bos_id)[0]  # the same function as training; [<s>] for k=0
+    inputs = [query_input(q, len(demos)) for _, q in queries]
+    golds = [ex["output"] for ex, _ in queries]
+    if queries[0][0]["options"]:
+        segments = [(x, o) for x, (_, q) in zip(inputs, queries) for o in q.options]
+        losses, preds, i = score_options(model, prefix, segments, batch_tokens, cache), [], 0
+        for ex, q in queries:
+            preds.append(ex["options"][int(np.argmin(losses[i:i + len(q.options)]))])
+            i += len(q.options)
+        metrics = dict(accuracy=float(np.mean([p == g for p, g in zip(preds, golds)])), macro_f1=macro_f1(preds, golds))
+        lengths = [len(x) + len(y) for x, y in segments]
+    else:
+        gens = generate(model, prefix, inputs, tok.newline_id, tok.eos_id, max_new_tokens, batch_tokens, cache)
+        preds = [tok.decode(g).strip() for g in gens]
+        metrics = dict(rouge_l=float(np.mean([rouge_l(p, g) for p, g in zip(preds, golds)])),
+                       exact_match=float(np.mean([p == g.strip() for p, g in zip(preds, golds)])),
+                       token_f1=float(np.mean([token_f1(p, g) for p, g in zip(preds, golds)])))
+        lengths = [len(x) + len(g) for x, g in zip(inputs, gens)]
+    stats = dict(tokens_forwarded=len(prefix) + sum(lengths), tokens_uncached=sum(len(prefix) + n for n in lengths))
+    samples = [dict(input=ex["input"], prediction=p, gold=g) for (ex, _), p, g in zip(queries[:3], preds, golds)]
+    return dict(metrics, shots=len(demos), prefix_tokens=len(prefix), n=len(queries), samples=samples), stats
+
+
+def load_eval_tasks(paths, tok, seq_len, max_test=None):
+    """task -> (pool of Encoded, test queries as (example, Encoded)). Queries too long for seq_len
+    even with no demonstrations are dropped, with a note."""
+    pools, tests = data.load_tasks(paths, split="train"), data.load_tasks(paths, split="test")
+    for name in sorted(set(pools) - set(tests)):
+        print(f"note: task '{name}' has demonstrations but no test split: left out")
+    tasks = {}
+    for name, examples in tests.items():
+        if pools.get(name) == examples:  # a file without a split would serve as both
+            raise ValueError(f"task '{name}': the same examples would be demonstrations and test set; "
+                             f"give it train and test files")
+        if len({bool(ex["options"]) for ex in examples}) > 1:
+            raise ValueError(f"task '{name}': some test examples have options and some do not")
+        queries = [(ex, data.encode_example(tok, ex)) for ex in examples[:max_test]]
+        fits = [(ex, q) for ex, q in queries if 1 + answer_room([q], 0) <= seq_len and 1 + answer_room([q], 1) <= seq_len]
+        if len(fits) < len(queries):
+            print(f"note: task '{name}': {len(queries) - len(fits)} test queries longer than seq_len={seq_len} left out")
+        if not fits:
+            raise ValueError(f"task '{name}': no test query fits in seq_len={seq_len}")
+        tasks[name] = ([data.encode_example(tok, ex) for ex in pools.get(name, [])], fits)
+    return tasks
+
+
+def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_tokens=32):
+    """The k sweep for every task, model, k and seed; returns the results (see main) as a dict."""
+    caches = {name: new_cache(m, seq_len + batch_tokens) for name, m in models.items()}
+    timing = {name: dict(seconds=0.0, tokens_forwarded=0, tokens_uncached=0) for name in models}
+    results, bar = {}, tqdm(total=len(tasks) * len(ks) * len(seeds) * len(models), desc="eval", unit="prompt")
+    for task, (pool, queries) in tasks.items():
+        options = bool(queries[0][0]["options"])
+        entry = results[task] = dict(kind="options" if options else "free-form", metric="accuracy" if options else "rouge_l",
+                                     n_pool=len(pool), n_test=len(queries), k={})
+        for k in ks:
+            draws = {s: draw_demos(pool, k, s, seq_len, answer_room([q for _, q in queries], k)) for s in seeds}
+            why = next((why for _, why in draws.values() if why), None)
+            if why:  # every seed or none, so mean and worst are over the same seeds for every k
+                tqdm.write(f"note: task '{task}': {why}: skipped")
+                entry["k"][str(k)] = dict(skipped=why)
+                bar.update(len(seeds) * len(models))
+                continue
+            entry["k"][str(k)] = {}
+            for name, model in models.items():
+                runs = {}
+                for s in seeds:
+                    t0 = time.perf_counter()
+                    runs[str(s)], stats = evaluate_prompt(model, caches[name], draws[s][0], queries, tok, batch_tokens, max_new_tokens)
+                    timing[name]["seconds"] += time.perf_counter() - t0
+                    for key in stats:
+                        timing[name][key] += stats[key]
+                    bar.update()
+                main = [r[entry["metric"]] for r in runs.values()]
+                entry["k"][str(k)][name] = dict(mean=float(np.mean(main)), worst=float(min(main)), seeds=runs,
+                                                means={m: float(np.mean([r[m] for r in runs.values()]))
+                                                       for m in runs[str(seeds[0])] if m not in ("n", "prefix_tokens", "samples")})
+    bar.close()
+    summary = {}
+    for k in map(str, ks):
+        done = [e["k"][k] for e in results.values() if "skipped" not in e["k"][k]]
+        summary[k] = {name: dict(mean=float(np.mean([d[name]["mean"] for d in done])) if done else None,
+                                 worst=float(np.mean([d[name]["worst"] for d in done])) if done else None,
+                                 n_tasks=len(done)) for name in models}
+    for t in timing.values():  # what re-encoding every prompt would forward, over what was forwarded
+        t["token_speedup"] = t["tokens_uncached"] / max(t["tokens_forwarded"], 1)
+    return dict(tasks=results, summary=summary, timing=timing)
+
+
+# ----------------------------------------------------------------------------- forgetting
+
+
+@torch.inference_mode()
+def perplexity(model, ids, length, bos_id):
+    """Perplexity of a tokenized text in non-overlapping windows of `length` tokens: <s> then the
+    next length-1 tokens of the text, every one of them scored (the first from <s> alone). A window
+    is then exactly `length` long, what a model with max_seq_len=length takes. A tail shorter than a
+    window is left out. ppl = exp(total NLL / total tokens): windows weighted by their tokens."""
+    n, dev = length - 1, model.tok_embeddings.weight.device
+    nll, count, windows = 0.0, 0, 0
+    for i in range(0, len(ids) - n + 1, n):
+        x = torch.tensor([bos_id] + ids[i:i + n], device=dev)[None]
+        y = torch.tensor(ids[i:i + n] + [data.IGNORE], device=dev)[None]  # targets[t] = tokens[t+1]
+        nll += model(x, y).item() * n  # model() returns the mean CE over the n targets
+        count, windows = count + n, windows + 1
+    return dict(ppl=math.exp(nll / count), nll=nll / count, tokens=count, windows=windows)
+
+
+def forgetting(models, tok, path, lengths):
+    with open(path, encoding="utf-8") as f:
+        ids = tok.encode(f.read())
+    out = {}
+    for L in lengths:
+        max_len = next(iter(models.values())).args.max_seq_len
+        if max_len is not None and L > max_len:
+            out[str(L)] = dict(skipped=f"length {L} is above the model's max_seq_len={max_len}")
+        elif len(ids) < L - 1:
+            out[str(L)] = dict(skipped=f"{path} has only {len(ids)} tokens, fewer than a window of {L}")
+        else:
+            out[str(L)] = {name: perplexity(m, ids, L, tok.bos_id) for name, m in models.items()}
+            continue
+        print(f"note: perplexity at {L}: {out[str(L)]['skipped']}: skipped")
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def print_tables(results, names):
+    print("\nk-shot on held-out tasks: macro-average over tasks of the main metric (accuracy for "
+          "option tasks, ROUGE-L for free-form), mean and worst over seeds")
+    print(f"{'k':>6} {'tasks':>5}" + "".join(f" {n + ' mean':>13} {n + ' worst':>13}" for n in names))
+    for k, row in results["summary"].items():
+        fmt = lambda v: f"{v:13.4f}" if v is not None else f"{'-':>13}"
+        print(f"{k:>6} {row[names[0]]['n_tasks']:>5}" + "".join(f" {fmt(row[n]['mean'])} {fmt(row[n]['worst'])}" for n in names))
+    if results.get("perplexity"):
+        print(f"\nperplexity of {results['settings']['ppl_file']}")
+        print(f"{'length':>7} {'windows':>7} {'tokens':>9}" + "".join(f" {n + ' ppl':>12}" for n in names))
+        for L, row in results["perplexity"].items():
+            if "skipped" not in row:
+                r0 = row[names[0]]
+                print(f"{L:>7} {r0['windows']:>7} {r0['tokens']:>9}" + "".join(f" {row[n]['ppl']:12.4f}" for n in names))
+
+
+def plot(results, names, path):
+    try:  # optional: only when matplotlib is installed
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ks = list(results["summary"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in names:
+        means = [results["summary"][k][n]["mean"] for k in ks]
+        ax.plot(range(len(ks)), [np.nan if v is None else v for v in means], marker="o", label=n)
+    ax.set_xticks(range(len(ks)), ks)
+    ax.set(xlabel="k (demonstrations)", ylabel="macro-average score", title="held-out tasks")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def parse_ks(text):
+    return [k if k == "max" else int(k) for k in text.split(",")]
+
+
+def parse_ints(text):
+    return [int(v) for v in text.split(",")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out", help="an out_dir (its newest complete checkpoint) or a ckpt-* folder")
+    p.add_argument("--tasks", nargs="+", help="held-out task files/folders (default: the config's eval_data)")
+    p.add_argument("--ks", type=parse_ks, help="k sweep, e.g. 0,1,4,16,64,256,max (default: that; 0,1,4,16,64,max for the built-in suite)")
+    p.add_argument("--seeds", type=parse_ints, help="demonstration seeds (default: 100,13,21,42,87; 100,13,21 for the built-in suite)")
+    p.add_argument("--seq_len", type=int, help="context for prompts (default: the config's seq_len)")
+    p.add_argument("--max_test", type=int, help="at most this many test queries per task")
+    p.add_argument("--batch_tokens", type=int, default=2048, help="tokens of queries packed after the prefix per forward")
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--ppl_file", help="a long UTF-8 text for the forgetting check (e.g. a PG-19 book)")
+    p.add_argument("--ppl_lengths", type=parse_ints, default="1024,4096,16384,32768")
+    p.add_argument("--out", help="JSON results (default: {ckpt}/eval.json; a PNG beside it if matplotlib is installed)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--no_base", action="store_true", help="evaluate the trained model only")
+    a = p.parse_args(argv)
+    dtype_name = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+
+    base, trained, tok, config = load_models(a.ckpt, a.device, dtype, base=not a.no_base)
+    models = {"base": base, "trained": trained} if base is not None else {"trained": trained}
+    names = list(models)
+    seq_len = a.seq_len or config["seq_len"]
+    if trained.args.max_seq_len is not None and seq_len > trained.args.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} is above the model's max_seq_len={trained.args.max_seq_len}")
+    task_paths = a.tasks or (config.get("eval_data") or "data/suite/eval").split(",")  # train.py's syntax
+    builtin = any((os.path.abspath(t) + os.sep).startswith(data.SUITE_DIR + os.sep) for t in task_paths)
+    if builtin:
+        data.ensure_suite()
+    ks = a.ks or parse_ks("0,1,4,16,64,max" if builtin else "0,1,4,16,64,256,max")
+    seeds = a.seeds or parse_ints("100,13,21" if builtin else "100,13,21,42,87")
+    if a.ppl_file and not os.path.isfile(a.ppl_file):  # before the sweep, not after it
+        raise FileNotFoundError(f"{a.ppl_file}: no such text file for --ppl_file")
+    print(f"evaluating {config['checkpoint']} on {', '.join(task_paths)}: k={ks}, seeds={seeds}, seq_len={seq_len}")
+
+    tasks = load_eval_tasks(task_paths, tok, seq_len, a.max_test)
+    results = dict(checkpoint=config["checkpoint"], config=config,
+                   settings=dict(tasks=task_paths, ks=[str(k) for k in ks], seeds=seeds, seq_len=seq_len,
+                                 max_test=a.max_test, batch_tokens=a.batch_tokens, max_new_tokens=a.max_new_tokens,
+                                 device=a.device, dtype=dtype_name, ppl_file=a.ppl_file),
+                   **evaluate(models, tok, tasks, ks, seeds, seq_len, a.batch_tokens, a.max_new_tokens))
+    if a.ppl_file:
+        results["perplexity"] = forgetting(models, tok, a.ppl_file, a.ppl_lengths)
+    print_tables(results, names)
+
+    out = a.out or os.path.join(a.ckpt, "eval.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    png = plot(results, names, os.path.splitext(out)[0] + ".png")
+    print(f"\nwrote {out}" + (f" and {png}" if png else ""))
+    return results
+
+
+if __name__ == "__main__":
+    main()
