@@ -77,7 +77,7 @@ def time_training(cfg, model, device, dtype, checkpointing=None, backend=None, f
     model_module.SDPA_HAS_GQA = gqa and has_gqa  # False: the repeated-K/V fallback
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    forward = torch.compile(model) if cfg.compile else model
+    forward = model.compile_blocks() if cfg.compile else model  # as train.py
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.args.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
     y = torch.full_like(x, -100)

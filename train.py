@@ -243,7 +243,7 @@ def main(argv):
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print0(f"resuming from {resume} at step {step}")
-    forward = torch.compile(model) if cfg.compile else model
+    forward = model.compile_blocks() if cfg.compile else model
     if ddp:  # DDP over trainable parameters only: frozen base weights are neither broadcast nor bucketed
         DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if not p.requires_grad])
         forward = DDP(forward, device_ids=[local_rank] if use_cuda else None)
