@@ -326,24 +326,28 @@ def write_jsonl(path, rows):
     os.replace(path + ".tmp", path)
 
 
-def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(6, 2), n_train=400, n_test=64):
+def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 400), n_test=64):
     """Write the suite: train/{task}.jsonl (held-in) and eval/{task}/{train,test}.jsonl
     (held-out: a demonstration pool and a test set), a generic-text corpus for the forgetting
-    experiment, and a small sentencepiece model trained on all of it. Deterministic in `seed`."""
+    experiment, and a small sentencepiece model trained on all of it. Deterministic in `seed`.
+    Many instances per held-in family, each with its own hidden rule: with few, a small model
+    memorises each instance's rule instead of learning to read it from the context."""
     rng = np.random.default_rng(seed)
     text = []
-    for families, n_inst, split_dir in ((HELD_IN, instances[0], "train"), (HELD_OUT, instances[1], "eval")):
+    for families, n_inst, n_ex, split_dir in ((HELD_IN, instances[0], n_train[0], "train"),
+                                              (HELD_OUT, instances[1], n_train[1], "eval")):
         for fam in families:
             for i in range(n_inst):
                 make, options = suite_instance(fam, rng)
                 task = f"{fam}_{i}"
-                rows = [dict(zip(("input", "output"), make(rng)), task=task, options=options) for _ in range(n_train + n_test)]
-                text += [r["input"] + "\n" + r["output"] for r in rows]
+                n_rows = n_ex + (n_test if split_dir == "eval" else 0)
+                rows = [dict(zip(("input", "output"), make(rng)), task=task, options=options) for _ in range(n_rows)]
+                text += [r["input"] + "\n" + r["output"] for r in rows[:20]]
                 if split_dir == "train":
                     write_jsonl(os.path.join(out_dir, "train", f"{task}.jsonl"), rows)
                 else:
-                    write_jsonl(os.path.join(out_dir, "eval", task, "train.jsonl"), rows[:n_train])
-                    write_jsonl(os.path.join(out_dir, "eval", task, "test.jsonl"), rows[n_train:])
+                    write_jsonl(os.path.join(out_dir, "eval", task, "train.jsonl"), rows[:n_ex])
+                    write_jsonl(os.path.join(out_dir, "eval", task, "test.jsonl"), rows[n_ex:])
     for name, n in (("generic_train.txt", 3000), ("generic_test.txt", 300)):
         lines = [generic_sentence(rng) for _ in range(n)]
         open(os.path.join(out_dir, name), "w").write("\n".join(lines) + "\n")

@@ -569,4 +569,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: a message, not a traceback
+        raise SystemExit(f"error: {e}")

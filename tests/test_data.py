@@ -156,7 +156,7 @@ def test_too_long_examples_are_skipped_and_counted(tok):
 
 
 def test_suite_is_deterministic_and_needs_context(tmp_path):
-    a, b = make_suite(str(tmp_path / "a"), n_train=20, n_test=5), make_suite(str(tmp_path / "b"), n_train=20, n_test=5)
+    a, b = make_suite(str(tmp_path / "a"), instances=(3, 2), n_train=(20, 20), n_test=5), make_suite(str(tmp_path / "b"), instances=(3, 2), n_train=(20, 20), n_test=5)
     train = load_tasks(os.path.join(a, "train"))
     assert train == load_tasks(os.path.join(b, "train"))
     assert len({t.rsplit("_", 1)[0] for t in train}) == len(HELD_IN) >= 8

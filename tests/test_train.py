@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    return make_suite(str(tmp_path_factory.mktemp("suite")), instances=(2, 1), n_train=80, n_test=10)
+    return make_suite(str(tmp_path_factory.mktemp("suite")), instances=(2, 1), n_train=(80, 80), n_test=10)
 
 
 def common(suite, out, **kw):
