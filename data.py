@@ -348,10 +348,14 @@ def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 40
                 else:
                     write_jsonl(os.path.join(out_dir, "eval", task, "train.jsonl"), rows[:n_ex])
                     write_jsonl(os.path.join(out_dir, "eval", task, "test.jsonl"), rows[n_ex:])
-    for name, n in (("generic_train.txt", 3000), ("generic_test.txt", 300)):
+    # generic text: a file to score perplexity on, and the same kind of text as a "task" of
+    # sentence pairs for language-model pre-training with mask="none"
+    for name, n in (("generic_test.txt", 1000), ("generic_train.txt", 6000)):
         lines = [generic_sentence(rng) for _ in range(n)]
         open(os.path.join(out_dir, name), "w").write("\n".join(lines) + "\n")
-        text += lines
+        text += lines[:500]
+    write_jsonl(os.path.join(out_dir, "generic", "train.jsonl"),
+                [dict(task="generic", input=a, output=b, options=[]) for a, b in zip(lines[::2], lines[1::2])])
     train_tokenizer(text, os.path.join(out_dir, "tokenizer"))
     open(os.path.join(out_dir, "DONE"), "w").write(str(seed))
     return out_dir
