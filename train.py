@@ -289,7 +289,7 @@ def main(argv):
         model.eval()
         loss_sum, count = 0.0, 0
         for i in range(rank, cfg.eval_sequences, world):
-            x, y = (t.to(device) for t in collate([val_sampler.sequence(0, i)]))
+            x, y = (t.to(device) for t in collate([val_sampler.sequence(0, i)], cfg.seq_len if cfg.compile else None))
             n = int((y != IGNORE).sum())
             with autocast:
                 loss_sum += model(x, y).item() * n
@@ -301,7 +301,9 @@ def main(argv):
     # ---- the loop
     flops = flops_per_token(args, cfg.seq_len, lora=cfg.lora_rank > 0)
     peak = peak_flops(device)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master and os.makedirs(cfg.out_dir, exist_ok=True) is None else None
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None  # one JSON object per step
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
