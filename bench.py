@@ -38,6 +38,7 @@ class BenchConfig:
     sdpa_backend: str = "auto"
     compile: bool = False
     target_every: int = 40               # one supervised token in 40 (ManyICL answers are short)
+    loss: str = "targets"                # targets (model.py's) | full_logits (the plain alternative)
     steps: int = 5                       # timed steps (median reported)
     warmup: int = 2
     sweep: bool = False                  # ablations: each optimisation against its plain alternative
@@ -68,10 +69,11 @@ def which_sdpa(model, device, dtype, backend):
     return ",".join(sorted(n.replace("aten::_scaled_dot_product_", "") for n in names)) or "?"
 
 
-def time_training(cfg, model, device, dtype, checkpointing=None, backend=None, full_logits=False, gqa=True):
+def time_training(cfg, model, device, dtype, checkpointing=None, backend=None, full_logits=None, gqa=True):
     """Median step time of forward + backward + AdamW on a (batch, seq_len) ManyICL-like batch."""
     checkpointing = checkpointing or cfg.activation_checkpointing
     backend = backend or cfg.sdpa_backend
+    full_logits = cfg.loss == "full_logits" if full_logits is None else full_logits
     model.activation_checkpointing = checkpointing_mode(checkpointing)
     has_gqa = model_module.SDPA_HAS_GQA
     model_module.SDPA_HAS_GQA = gqa and has_gqa  # False: the repeated-K/V fallback
@@ -200,7 +202,8 @@ def main(argv):
     if not cfg.steps:
         return
     print(f"SDPA kernel ({cfg.sdpa_backend}): {which_sdpa(model, device, dtype, cfg.sdpa_backend)}")
-    print(row(f"train step ({cfg.activation_checkpointing} ckpt, {cfg.sdpa_backend})", attempt(time_training, cfg, model, device, dtype)))
+    name = f"train step ({cfg.activation_checkpointing} ckpt, {cfg.sdpa_backend}, loss {cfg.loss})"
+    print(row(name, attempt(time_training, cfg, model, device, dtype)))
     if cfg.sweep:
         variants = [("ckpt full", dict(checkpointing="full")), ("ckpt selective", dict(checkpointing="selective")),
                     ("ckpt none", dict(checkpointing="none")), ("repeated K/V instead of enable_gqa", dict(gqa=False)),
