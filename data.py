@@ -269,49 +269,56 @@ def nonce_word(rng):
 
 
 def suite_instance(family, rng):
-    """(make_example(rng) -> (input, output), options or []) for one hidden-rule instance."""
-    labels = list(dict.fromkeys(nonce_word(rng) for _ in range(12)))[:4]
+    """One task instance of `family` with its hidden rule drawn from rng. Returns
+    (draw, rule, options): draw(r) picks an input, rule(input) is its answer."""
+    labels = list(dict.fromkeys(nonce_word(rng) for _ in range(12)))[:4]  # per-instance label words
     letters = "abcdefghijklmnopqrstuvwxyz"
-    if family == "category_label":      # which category, named by per-instance label words
+    pick_word = lambda r: r.choice(ALL_WORDS)
+    pick_number = lambda r: str(int(r.integers(100)))
+    if family == "category_label":      # which category, named by label words
         cats = list(rng.choice(sorted(WORDS), size=3, replace=False))
-        return (lambda r: (w := r.choice(WORDS[c := r.choice(cats)]), labels[cats.index(c)])), labels[:3]
+        label_of = {w: labels[i] for i, c in enumerate(cats) for w in WORDS[c]}
+        return lambda r: r.choice(WORDS[r.choice(cats)]), label_of.get, labels[:3]
     if family == "contains_letter":     # does the word contain a hidden letter?
         ch = rng.choice(list("aeiort"))
-        return (lambda r: (w := r.choice(ALL_WORDS), labels[int(ch in w)])), labels[:2]
+        return pick_word, lambda w: labels[int(ch in w)], labels[:2]
     if family == "parity":              # even or odd, named by label words
-        return (lambda r: (str(n := int(r.integers(100))), labels[n % 2])), labels[:2]
+        return pick_number, lambda n: labels[int(n) % 2], labels[:2]
     if family == "compare":             # is a > b, direction hidden
         flip = int(rng.integers(2))
-        return (lambda r: (f"{(a := int(r.integers(100)))} {(b := int(r.integers(100)))}", labels[(a > b) ^ flip])), labels[:2]
+        def rule(pair):
+            a, b = map(int, pair.split())
+            return labels[(a > b) ^ flip]
+        return lambda r: f"{int(r.integers(100))} {int(r.integers(100))}", rule, labels[:2]
     if family == "caesar":              # shift letters by a hidden k
         k = int(rng.integers(1, 6))
-        return (lambda r: (w := "".join(r.choice(list(letters), 4)),
-                           "".join(letters[(letters.index(c) + k) % 26] for c in w))), []
+        return (lambda r: "".join(r.choice(list(letters), 4)),
+                lambda w: "".join(letters[(letters.index(c) + k) % 26] for c in w), [])
     if family == "string_op":           # one hidden transformation
         op = rng.choice(["reverse", "upper", "double", "first3"])
-        f = {"reverse": lambda w: w[::-1], "upper": str.upper, "double": lambda w: w + w, "first3": lambda w: w[:3]}[op]
-        return (lambda r: (w := r.choice(ALL_WORDS), f(w))), []
+        return pick_word, {"reverse": lambda w: w[::-1], "upper": str.upper,
+                           "double": lambda w: w + w, "first3": lambda w: w[:3]}[op], []
     if family == "lookup":              # a hidden code book
-        codes = ["".join(rng.choice(list(letters), 3)) for _ in range(8)]
-        vals = list(rng.choice(ALL_WORDS, size=8, replace=False))
-        return (lambda r: (codes[i := int(r.integers(8))], vals[i])), []
+        codes = list(dict.fromkeys("".join(rng.choice(list(letters), 3)) for _ in range(8)))
+        book = dict(zip(codes, rng.choice(ALL_WORDS, size=len(codes), replace=False)))
+        return lambda r: codes[int(r.integers(len(codes)))], book.get, []
     if family == "add_const":           # add a hidden constant
         c = int(rng.integers(1, 20))
-        return (lambda r: (str(n := int(r.integers(100))), str(n + c))), []
+        return pick_number, lambda n: str(int(n) + c), []
     # held-out families
     if family == "length_threshold":    # is the word longer than a hidden length?
         t = int(rng.integers(4, 6))
-        return (lambda r: (w := r.choice(ALL_WORDS), labels[int(len(w) > t)])), labels[:2]
+        return pick_word, lambda w: labels[int(len(w) > t)], labels[:2]
     if family == "first_letter":        # hidden map from first-letter group to one of 3 labels
         groups = rng.permutation(3)
-        return (lambda r: (w := r.choice(ALL_WORDS), labels[groups[(letters.index(w[0]) * 3) // 26]])), labels[:3]
+        return pick_word, lambda w: labels[groups[(letters.index(w[0]) * 3) // 26]], labels[:3]
     if family == "translate":           # a hidden dictionary from words to nonce words
         src = list(rng.choice(ALL_WORDS, size=10, replace=False))
-        dst = [nonce_word(rng) for _ in src]
-        return (lambda r: (src[i := int(r.integers(10))], dst[i])), []
+        dictionary = {w: nonce_word(rng) for w in src}
+        return lambda r: src[int(r.integers(10))], dictionary.get, []
     if family == "suffix":              # append a hidden suffix
         s = "".join(rng.choice(list(letters), 2))
-        return (lambda r: (w := r.choice(ALL_WORDS), w + s)), []
+        return pick_word, lambda w: w + s, []
     raise ValueError(f"unknown suite family {family!r}")
 
 
@@ -338,10 +345,11 @@ def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 40
                                               (HELD_OUT, instances[1], n_train[1], "eval")):
         for fam in families:
             for i in range(n_inst):
-                make, options = suite_instance(fam, rng)
+                draw, rule, options = suite_instance(fam, rng)
                 task = f"{fam}_{i}"
                 n_rows = n_ex + (n_test if split_dir == "eval" else 0)
-                rows = [dict(zip(("input", "output"), make(rng)), task=task, options=options) for _ in range(n_rows)]
+                inputs = [str(draw(rng)) for _ in range(n_rows)]
+                rows = [dict(input=x, output=rule(x), task=task, options=options) for x in inputs]
                 text += [r["input"] + "\n" + r["output"] for r in rows[:20]]
                 if split_dir == "train":
                     write_jsonl(os.path.join(out_dir, "train", f"{task}.jsonl"), rows)

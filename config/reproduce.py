@@ -54,7 +54,7 @@ def train_and_eval():
         for name in ("manyicl", "few-shot"):
             out = f"{RUNS}/forget-{name}-{seed}"
             sh("train.py", *COMMON, *METHODS[name], f"--seed={seed}", f"--init={lm_ckpt}", "--lora_rank=16",
-               f"--lr=1e-3", f"--out_dir={out}")
+               "--lr=1e-3", f"--out_dir={out}")
             sh("eval.py", "--ckpt", out, "--tasks", "data/suite/eval", *EVAL, "--ppl_file", "data/suite/generic_test.txt",
                "--ppl_lengths", PPL_LENGTHS, "--out", f"{out}/eval.json")
 
