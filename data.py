@@ -325,6 +325,24 @@ def suite_instance(family, rng):
 HELD_IN = ["category_label", "contains_letter", "parity", "compare", "caesar", "string_op", "lookup", "add_const"]
 HELD_OUT = ["length_threshold", "first_letter", "translate", "suffix"]
 
+class SuiteSampler:
+    """TrainSampler's interface, but every sequence is a *fresh* instance of a suite family, its
+    hidden rule drawn from (seed, step, index). Task diversity is then unlimited: a small model
+    cannot memorise rules (it memorised even 400 fixed instances before learning to read its
+    context), so the only way to lower the loss is in-context learning."""
+
+    def __init__(self, tokenizer, max_len, mask="all", seed=0, max_shots=None, families=HELD_IN):
+        self.tok, self.max_len, self.mask, self.seed, self.max_shots = tokenizer, max_len, mask, seed, max_shots
+        self.families = list(families)
+
+    def sequence(self, step, index):
+        rng = np.random.default_rng([self.seed, step, index])
+        draw, rule, options = suite_instance(self.families[rng.integers(len(self.families))], rng)
+        inputs = [str(draw(rng)) for _ in range(self.max_len // 4)]  # more than fit: >= 4 tokens each
+        examples = [dict(input=x, output=rule(x)) for x in inputs]
+        return build_sequence(examples, self.tok, self.max_len, self.mask, seed=int(rng.integers(2**31)),
+                              max_shots=self.max_shots)
+
 
 def write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)

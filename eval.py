@@ -359,6 +359,11 @@ def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tok
                        exact_match=float(np.mean([p == g.strip() for p, g in zip(preds, golds)])),
                        token_f1=float(np.mean([token_f1(p, g) for p, g in zip(preds, golds)])))
         lengths = [len(x) + len(g) for x, g in zip(inputs, gens)]
+    # the gold answer's loss (mean over its span, as training measures it): a smooth measure that
+    # moves with the demonstrations before accuracy does, and exists for free-form tasks too
+    gold = [(x, q.answer) for x, (_, q) in zip(inputs, queries)]
+    metrics["answer_loss"] = float(np.mean(score_options(model, prefix, gold, batch_tokens, cache)))
+    lengths += [len(x) + len(y) for x, y in gold]
     stats = dict(tokens_forwarded=len(prefix) + sum(lengths), tokens_uncached=sum(len(prefix) + n for n in lengths))
     samples = [dict(input=ex["input"], prediction=p, gold=g) for (ex, _), p, g in zip(queries[:3], preds, golds)]
     return dict(metrics, shots=len(demos), prefix_tokens=len(prefix), n=len(queries), samples=samples), stats
@@ -424,6 +429,7 @@ def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_
         done = [e["k"][k] for e in results.values() if "skipped" not in e["k"][k]]
         summary[k] = {name: dict(mean=float(np.mean([d[name]["mean"] for d in done])) if done else None,
                                  worst=float(np.mean([d[name]["worst"] for d in done])) if done else None,
+                                 answer_loss=float(np.mean([d[name]["means"]["answer_loss"] for d in done])) if done else None,
                                  n_tasks=len(done)) for name in models}
     for t in timing.values():  # what re-encoding every prompt would forward, over what was forwarded
         t["token_speedup"] = t["tokens_uncached"] / max(t["tokens_forwarded"], 1)
@@ -472,10 +478,12 @@ def forgetting(models, tok, path, lengths):
 def print_tables(results, names):
     print("\nk-shot on held-out tasks: macro-average over tasks of the main metric (accuracy for "
           "option tasks, ROUGE-L for free-form), mean and worst over seeds")
-    print(f"{'k':>6} {'tasks':>5}" + "".join(f" {n + ' mean':>13} {n + ' worst':>13}" for n in names))
+    print("and of the gold answer's loss (mean over seeds; lower is better)")
+    cols = ("mean", "worst", "answer_loss")
+    print(f"{'k':>6} {'tasks':>5}" + "".join(f" {n + ' ' + c.replace('answer_', 'ans '):>14}" for n in names for c in cols))
     for k, row in results["summary"].items():
-        fmt = lambda v: f"{v:13.4f}" if v is not None else f"{'-':>13}"
-        print(f"{k:>6} {row[names[0]]['n_tasks']:>5}" + "".join(f" {fmt(row[n]['mean'])} {fmt(row[n]['worst'])}" for n in names))
+        fmt = lambda v: f"{v:14.4f}" if v is not None else f"{'-':>14}"
+        print(f"{k:>6} {row[names[0]]['n_tasks']:>5}" + "".join(f" {fmt(row[n][c])}" for n in names for c in cols))
     if results.get("perplexity"):
         print(f"\nperplexity of {results['settings']['ppl_file']}")
         print(f"{'length':>7} {'windows':>7} {'tokens':>9}" + "".join(f" {n + ' ppl':>12}" for n in names))

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import IGNORE, TrainSampler, Tokenizer, collate, encode_tasks, ensure_suite, load_tasks
+from data import IGNORE, SuiteSampler, TrainSampler, Tokenizer, collate, encode_tasks, ensure_suite, load_tasks
 from model import PRESETS, ModelArgs, Transformer, flops_per_token, read_hf_config, read_params_json, sdpa_backend
 from lora import apply_lora, load_lora, save_lora
 
@@ -33,7 +33,7 @@ from lora import apply_lora, load_lora, save_lora
 class TrainConfig:
     init: str = "scratch"              # "scratch" (fresh model of `preset`) or a checkpoint directory
     preset: str = "tiny"               # model shape when init=scratch
-    data: str = "data/suite/train"     # comma-separated task files/folders (MetaICL JSONL)
+    data: str = "suite"                # "suite": a fresh built-in task per sequence; or MetaICL JSONL files/folders
     eval_data: str = "data/suite/eval" # held-out tasks for the validation loss ("" = none)
     tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
     out_dir: str = "out"
@@ -199,17 +199,22 @@ def main(argv):
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
     if tok.vocab_size > args.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces, the model only {args.vocab_size}")
-    if cfg.data == TrainConfig.data:
-        ensure_suite()
-    train_tasks, skipped = encode_tasks(load_tasks(cfg.data.split(","), split="train"), tok, cfg.seq_len)
     shots = cfg.max_shots or None
-    sampler = TrainSampler(train_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed, cfg.task_temperature, shots)
+    if cfg.data == "suite" or cfg.eval_data == TrainConfig.eval_data:
+        ensure_suite()  # generated once, a few seconds
+    if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (data.SuiteSampler)
+        sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, shots)
+        about_data = "built-in suite: a fresh task instance per sequence"
+    else:
+        train_tasks, skipped = encode_tasks(load_tasks(cfg.data.split(","), split="train"), tok, cfg.seq_len)
+        sampler = TrainSampler(train_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed, cfg.task_temperature, shots)
+        about_data = (f"{len(train_tasks)} training tasks, {sum(map(len, train_tasks.values()))} examples "
+                      f"({skipped} skipped: longer than seq_len={cfg.seq_len})")
     val_sampler = None
     if cfg.eval_data:
         val_tasks, _ = encode_tasks(load_tasks(cfg.eval_data.split(","), split="train"), tok, cfg.seq_len)
         val_sampler = TrainSampler(val_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed + 1, math.inf, shots)
-    print0(f"{len(train_tasks)} training tasks, {sum(map(len, train_tasks.values()))} examples "
-           f"({skipped} skipped: longer than seq_len={cfg.seq_len}); world size {world}, "
+    print0(f"{about_data}; world size {world}, "
            f"{micro_steps} micro-steps x {cfg.batch_size} sequences per rank, global batch {cfg.batch_size * cfg.grad_accum}")
 
     # ---- model: fresh, or loaded; then LoRA; then resume

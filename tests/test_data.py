@@ -167,3 +167,23 @@ def test_suite_is_deterministic_and_needs_context(tmp_path):
     cl = [load_tasks(os.path.join(a, "train", f"category_label_{i}.jsonl"))[f"category_label_{i}"] for i in (0, 1)]
     assert cl[0][0]["options"] != cl[1][0]["options"]
     Tokenizer(os.path.join(a, "tokenizer.model"))
+
+
+def test_suite_sampler_draws_a_fresh_hidden_rule_per_sequence(tok):
+    from data import SuiteSampler
+    sampler = SuiteSampler(tok, 200, "all", seed=3, families=["add_const"])
+    a, b, c = sampler.sequence(5, 0), sampler.sequence(5, 0), sampler.sequence(5, 1)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and not np.array_equal(a[0], c[0])
+    constants = set()
+    for index in range(12):
+        tokens, targets = sampler.sequence(7, index)
+        text = tok.decode(tokens.tolist())
+        pairs = [block.split("\n") for block in text.split("\n\n\n")]
+        assert len(pairs) > 5 and all(len(p) == 2 for p in pairs[:-1])  # x ⏎y⏎ ⏎⏎x ⏎y⏎ ...
+        shifts = {int(y) - int(x) for x, y in pairs[:-1]}
+        assert len(shifts) == 1  # one hidden rule inside a sequence ...
+        constants |= shifts
+        assert (targets != IGNORE).sum() >= 2 * len(pairs)  # every answer supervised (mask all)
+    assert len(constants) >= 4  # ... and a new one for (nearly) every sequence
+    one_shot = SuiteSampler(tok, 200, "all", seed=3, max_shots=1).sequence(0, 0)
+    assert tok.decode(one_shot[0].tolist()).count("\n") == 2

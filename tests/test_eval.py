@@ -135,6 +135,17 @@ def test_cached_scores_equal_uncached(tok, k):
     assert np.std(ref) > 0.1  # the options really score differently
 
 
+@pytest.mark.parametrize("options", [True, False])
+def test_answer_loss_is_the_gold_answers_loss(tok, options):
+    model = random_model(tok)
+    pool = [encode_example(tok, e) for e in examples(5, options=options, seed=1)]
+    queries = [(ex, encode_example(tok, ex)) for ex in examples(4, options=options, seed=2)]
+    res, _ = ev.evaluate_prompt(model, ev.new_cache(model, 1024), pool[:3], queries, tok, 64, 4)
+    ref = ev.score_options_uncached(model, pack(pool[:3], tok.bos_id)[0],
+                                    [(ev.query_input(q, 3), q.answer) for _, q in queries])
+    assert res["answer_loss"] == pytest.approx(np.mean(ref), abs=1e-4)
+
+
 def naive_generate(model, prompt, stop_id, eos_id, max_new_tokens):
     out, newlines = [], 0
     seq = list(prompt)
@@ -227,11 +238,14 @@ def test_main_end_to_end(tmp_path, tok, capsys):
         for name in ("base", "trained"):
             r = opt["k"][k][name]
             assert set(r["seeds"]) == {"1", "2"} and r["worst"] <= r["mean"] <= 1
-            assert {"accuracy", "macro_f1", "shots"} <= set(r["seeds"]["1"]) and set(r["means"]) == {"accuracy", "macro_f1", "shots"}
+            assert {"accuracy", "macro_f1", "shots"} <= set(r["seeds"]["1"])
+            assert set(r["means"]) == {"accuracy", "macro_f1", "shots", "answer_loss"} and r["means"]["answer_loss"] > 0
             assert r["seeds"]["1"]["samples"][0]["prediction"] in ("yes", "no", "maybe so")
             assert {"rouge_l", "exact_match", "token_f1"} <= set(free["k"][k][name]["seeds"]["2"])
     assert opt["k"]["2"]["base"]["seeds"]["1"]["shots"] == 2 and opt["k"]["max"]["base"]["seeds"]["1"]["shots"] == 10
     assert saved["summary"]["2"]["trained"]["n_tasks"] == 2 and saved["summary"]["50"]["base"]["n_tasks"] == 0
+    tasks_k2 = [saved["tasks"][t]["k"]["2"]["trained"]["means"]["answer_loss"] for t in ("opt", "free")]
+    assert saved["summary"]["2"]["trained"]["answer_loss"] == pytest.approx(np.mean(tasks_k2))
     assert saved["timing"]["trained"]["token_speedup"] > 1
     ppl = saved["perplexity"]
     assert ppl["16"]["base"]["ppl"] > 1 and ppl["100"]["trained"]["windows"] >= 1

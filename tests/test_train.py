@@ -95,7 +95,8 @@ def test_sigterm_writes_loadable_checkpoint(suite, tmp_path):
 
 def test_loss_decreases_on_tiny_default(suite, tmp_path):
     out = str(tmp_path / "learn")
-    run(common(suite, out, max_steps=40, seq_len=256, batch_size=2, warmup_steps=5, eval_interval=40))
+    # data="suite" is train.py's default: a fresh built-in task instance for every sequence
+    run(common(suite, out, data="suite", max_steps=40, seq_len=256, batch_size=2, warmup_steps=5, eval_interval=40))
     l = losses(out)
     assert sum(l[-5:]) / 5 < 0.6 * sum(l[:3]) / 3, l
     last = json.loads(open(os.path.join(out, "log.jsonl")).readlines()[-1])
