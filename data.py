@@ -325,6 +325,7 @@ def suite_instance(family, rng):
 HELD_IN = ["category_label", "contains_letter", "parity", "compare", "caesar", "string_op", "lookup", "add_const"]
 HELD_OUT = ["length_threshold", "first_letter", "translate", "suffix"]
 
+
 class SuiteSampler:
     """TrainSampler's interface, but every sequence is a *fresh* instance of a suite family, its
     hidden rule drawn from (seed, step, index). Task diversity is then unlimited: a small model
@@ -337,7 +338,7 @@ class SuiteSampler:
 
     def sequence(self, step, index):
         rng = np.random.default_rng([self.seed, step, index])
-        draw, rule, options = suite_instance(self.families[rng.integers(len(self.families))], rng)
+        draw, rule, _ = suite_instance(self.families[rng.integers(len(self.families))], rng)
         inputs = [str(draw(rng)) for _ in range(self.max_len // 4)]  # more than fit: >= 4 tokens each
         examples = [dict(input=x, output=rule(x)) for x in inputs]
         return build_sequence(examples, self.tok, self.max_len, self.mask, seed=int(rng.integers(2**31)),

@@ -3,7 +3,7 @@ The paper's three claims on the built-in suite, with the tiny model on a CPU:
 
     python config/reproduce.py            # all runs, then the tables; RUNS/ holds everything
     python config/reproduce.py --report   # only the tables and plot, from finished runs
-    python config/reproduce.py --steps=3000 --jobs=8   # 10x longer, 8 runs at a time (a GPU), in runs-3000/
+    python config/reproduce.py --steps=1000 --jobs=12  # 3.3x longer, 12 runs at a time (a GPU), in runs-1000/
 
 1. mask-all (ManyICL) vs mask-last on the same sequences, steps and seed, plus zero-shot
    fine-tuning (one example per sequence) and few-shot fine-tuning (MetaICL: 16 demonstrations
