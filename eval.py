@@ -196,18 +196,24 @@ def new_cache(model, max_len):
 
 
 def prefill(model, cache, prefix, chunk=4096):
-    """Encode the shared prefix into an emptied cache. Returns the logits after its last token
-    (they predict a segment's first token when its input is empty). Chunks bound the (chunk,
+    """Encode the shared prefix into an emptied cache, unless the cache already holds exactly this
+    prefix (options, then gold answers, after one set of demonstrations). Returns the logits after
+    its last token (they predict a segment's first token when its input is empty). Chunks bound the (chunk,
     length) mask model.py builds; all-IGNORE targets skip the output layer, so no (P, vocab) logits."""
     if len(prefix) + 1 > cache.max_len:
         raise ValueError(f"prefix of {len(prefix)} tokens leaves no room in a cache of {cache.max_len}")
-    cache.length = 0
+    if getattr(cache, "prefix", None) == prefix:  # still encoded: segments only ever write after it
+        cache.length = len(prefix)
+        return cache.prefix_logits
+    cache.length, cache.prefix = 0, None
     ids = torch.tensor(prefix, device=cache.k[0].device)
     with sdpa_kernel(NO_CUDNN):
         for i in range(0, len(prefix) - 1, chunk):
             piece = ids[i:min(i + chunk, len(prefix) - 1)][None]
             model(piece, targets=torch.full_like(piece, data.IGNORE), cache=cache)
-        return model(ids[None, -1:], cache=cache)[0, -1]
+        cache.prefix_logits = model(ids[None, -1:], cache=cache)[0, -1]
+    cache.prefix = list(prefix)
+    return cache.prefix_logits
 
 
 def extend(model, cache, prefix_len, tokens, seg, pos, slot_seg):

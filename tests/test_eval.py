@@ -146,6 +146,26 @@ def test_answer_loss_is_the_gold_answers_loss(tok, options):
     assert res["answer_loss"] == pytest.approx(np.mean(ref), abs=1e-4)
 
 
+@pytest.mark.parametrize("options", [True, False])
+def test_one_prompt_encodes_its_prefix_once(tok, options):
+    """Options (or generation) and then the gold answers follow the same demonstrations: the
+    prefix is encoded once, not once per pass (it dominates the cost at 32K)."""
+    model = random_model(tok)
+    embedded = []
+    model.tok_embeddings.register_forward_hook(lambda m, inp, out: embedded.append(inp[0].numel()))
+    pool = [encode_example(tok, e) for e in examples(60, options=options, seed=1)]
+    queries = [(ex, encode_example(tok, ex)) for ex in examples(2, options=options, seed=2)]
+    prefix = pack(pool, tok.bos_id)[0]
+    _, stats = ev.evaluate_prompt(model, ev.new_cache(model, 2048), pool, queries, tok, 256, 4)
+    inputs = [ev.query_input(q, len(pool)) for _, q in queries]
+    gold = sum(len(x) + len(q.answer) for x, (_, q) in zip(inputs, queries))
+    if options:
+        segments = sum(len(x) + len(o) for x, (_, q) in zip(inputs, queries) for o in q.options)
+        assert sum(embedded) == len(prefix) + segments + gold == stats["tokens_forwarded"]
+    else:  # generation feeds at most 4 new tokens per query after its input
+        assert len(prefix) + gold < sum(embedded) <= len(prefix) + gold + sum(map(len, inputs)) + 2 * 4
+
+
 def naive_generate(model, prompt, stop_id, eos_id, max_new_tokens):
     out, newlines = [], 0
     seq = list(prompt)
