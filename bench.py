@@ -5,7 +5,7 @@ checkpointing, dtype and SDPA settings as train.py, on random weights (no downlo
     python bench.py                                        # tiny preset on the CPU
     python bench.py --preset=mistral-7b --seq_len=32768    # one GPU, Mistral-7B-v0.3 shapes
     python bench.py --preset=mistral-7b --seq_len=8192 --sweep=True     # ablations, one run
-    python bench.py --preset=mistral-7b --prefix=32768 --steps=0        # eval shared-prefix cache
+    python bench.py --preset=mistral-7b --prefix=32000 --steps=0        # eval shared-prefix cache
     python bench.py --data=True --steps=0                  # tokenize + pack throughput, one core
 
 FLOPs per token (N = matmul weights, d = n_heads * head_dim, L layers, T = seq_len; causal
@@ -139,7 +139,7 @@ def attempt(fn, *a, **kw):
 def bench_prefix(cfg, model, device, dtype):
     """Eval's shared prefix: P demonstration tokens, Q queries of ~64 tokens with 2 options each.
     Cached (prefill once, pack the queries after it) against re-encoding the prefix per option."""
-    from eval import score_options, score_options_uncached
+    from sample import score_options, score_options_uncached
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(3, model.args.vocab_size, (cfg.prefix,), generator=g).tolist()
     segments = []

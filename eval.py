@@ -22,11 +22,10 @@ worst over seeds of each task's main metric, then macro-averaged over tasks.
 
 Shared prefix: every query of a task at one (k, seed) follows the same demonstrations, so they are
 encoded once into a KV cache; then many queries (x options) are packed *after* it in one row, each
-attending to the prefix and to its own tokens only (a block mask), at its own positions. Rewinding
-cache.length to the prefix discards them. Perplexity: see `perplexity`.
+attending to the prefix and to its own tokens only, at its own positions (sample.py holds this
+KV-cache inference: prefill, extend, score_options, generate). Perplexity: see `perplexity`.
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -36,12 +35,10 @@ from collections import Counter
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import data
-from model import PRESETS, KVCache, ModelArgs, Transformer, read_json
+from sample import generate, load_models, new_cache, score_options
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -90,62 +87,6 @@ def macro_f1(predictions, golds):
     return sum(scores) / len(scores)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def find_checkpoint(path):
-    """`path` itself if it is a complete checkpoint, else the newest complete ckpt-* in it."""
-    if os.path.isfile(os.path.join(path, "DONE")):
-        return path
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint or output folder")
-    done = [(int(m[1]), d) for d in os.listdir(path)
-            if (m := re.fullmatch(r"ckpt-(\d+)", d)) and os.path.isfile(os.path.join(path, d, "DONE"))]
-    if not done:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (a ckpt-* folder holding DONE; "
-                                f"ones still being written have none)")
-    return os.path.join(path, max(done)[1])
-
-
-def load_models(path, device, dtype, base=True):
-    """(base, trained, tokenizer, config) from a checkpoint or an out_dir (its newest checkpoint).
-    The base is what training started from: the random init of init='scratch' (same seed, same
-    shape), else the model in `init`. base=False skips it (None)."""
-    ckpt = find_checkpoint(path)
-    config = dict(read_json(os.path.join(ckpt, "config.json")), checkpoint=ckpt)
-    tok_path = os.path.join(ckpt, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise FileNotFoundError(f"{tok_path}: tokenizer not found (train.py copies it into every checkpoint)")
-    tok = data.Tokenizer(tok_path)
-
-    def initial_model(args):
-        if config["init"] != "scratch":
-            return Transformer.from_pretrained(config["init"], device, dtype)
-        args = args or ModelArgs(**{**PRESETS[config["preset"]], "vocab_size": tok.vocab_size})  # as train.py
-        return Transformer(args).init_weights(config["seed"]).to(device, dtype)  # on the CPU, as train.py
-
-    if config.get("lora_rank"):  # an adapter on top of the initial model
-        from lora import apply_lora, load_lora, merge_lora
-        adapter = os.path.join(ckpt, "lora.safetensors")
-        if not os.path.isfile(adapter):
-            raise FileNotFoundError(f"{adapter}: adapter not found (config lora_rank={config['lora_rank']})")
-        base_model = initial_model(None)
-        trained = copy.deepcopy(base_model) if base else base_model
-        apply_lora(trained, config["lora_rank"], config["lora_alpha"], targets=config["lora_targets"])
-        load_lora(trained, adapter)  # its errors name the file and the mismatching key or setting
-        merge_lora(trained)          # W + BA folded once: eval runs at the base model's speed
-        base_model = base_model if base else None
-    else:  # every weight trained: the checkpoint holds them all
-        trained = Transformer.from_pretrained(ckpt, device, dtype)
-        base_model = initial_model(trained.args) if base else None
-    if tok.vocab_size > trained.args.vocab_size:
-        raise ValueError(f"{tok_path}: {tok.vocab_size} tokens, the model has only {trained.args.vocab_size}")
-    for m in (base_model, trained):
-        if m is not None:
-            m.eval()
-    return base_model, trained, tok, config
-
-
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -159,10 +100,11 @@ def answer_room(queries, n_demos):
     return max(len(query_input(q, n_demos)) + max(map(len, q.options or [q.answer])) for q in queries)
 
 
-def draw_demos(pool, k, seed, seq_len, room):
-    """The first k of the seed's permutation of the pool (k='max': as many as fit, in that order).
+def draw_demos(pool, k, seed, seq_len, room, shots="random"):
+    """The first k of the seed's order of the pool (k='max': as many as fit, in that order): a
+    permutation, or labels balanced round-robin with shots="stratified" (data.shot_order).
     Returns (demos, None), or (None, why not) when they cannot be drawn or do not fit."""
-    order = np.random.default_rng(seed).permutation(len(pool))
+    order = data.shot_order(pool, np.random.default_rng(seed), shots)
     if k == "max":
         demos, length = [], 1
         for i in order:
@@ -180,165 +122,6 @@ def draw_demos(pool, k, seed, seq_len, room):
         return None, (f"k={k} demonstrations (seed {seed}) take {length} tokens, plus {room} for the "
                       f"longest test query and answer: more than seq_len={seq_len}")
     return demos, None
-
-
-# ----------------------------------------------------------------------------- cached scoring
-
-
-# cuDNN's attention builds an execution plan for every new shape (~50 ms each on an H100, measured),
-# and here every prompt and every decode step has a new key length: use the other kernels.
-NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def new_cache(model, max_len):
-    a, w = model.args, model.tok_embeddings.weight
-    return KVCache(a, 1, max_len, w.device, w.dtype)
-
-
-def prefill(model, cache, prefix, chunk=4096):
-    """Encode the shared prefix into an emptied cache, unless the cache already holds exactly this
-    prefix (options, then gold answers, after one set of demonstrations). Returns the logits after
-    its last token (they predict a segment's first token when its input is empty). Chunks bound the (chunk,
-    length) mask model.py builds; all-IGNORE targets skip the output layer, so no (P, vocab) logits."""
-    if len(prefix) + 1 > cache.max_len:
-        raise ValueError(f"prefix of {len(prefix)} tokens leaves no room in a cache of {cache.max_len}")
-    if getattr(cache, "prefix", None) == prefix:  # still encoded: segments only ever write after it
-        cache.length = len(prefix)
-        return cache.prefix_logits
-    cache.length, cache.prefix = 0, None
-    ids = torch.tensor(prefix, device=cache.k[0].device)
-    with sdpa_kernel(NO_CUDNN):
-        for i in range(0, len(prefix) - 1, chunk):
-            piece = ids[i:min(i + chunk, len(prefix) - 1)][None]
-            model(piece, targets=torch.full_like(piece, data.IGNORE), cache=cache)
-        cache.prefix_logits = model(ids[None, -1:], cache=cache)[0, -1]
-    cache.prefix = list(prefix)
-    return cache.prefix_logits
-
-
-def extend(model, cache, prefix_len, tokens, seg, pos, slot_seg):
-    """Append one row of tokens to the cache and return their logits (T, vocab). Token i belongs
-    to segment seg[i] at position pos[i]: it attends to the whole prefix, to the cache slots of its
-    own segment (slot prefix_len + j belongs to slot_seg[j]) and to its segment's tokens up to
-    itself in this row; never to another segment. slot_seg is extended with seg."""
-    assert cache.length == prefix_len + len(slot_seg)
-    dev = cache.k[0].device
-    s = torch.tensor(seg, device=dev)
-    mask = torch.cat([torch.ones(len(seg), prefix_len, dtype=torch.bool, device=dev),
-                      s[:, None] == torch.tensor(slot_seg, dtype=torch.long, device=dev)[None, :],
-                      (s[:, None] == s[None, :]).tril()], dim=1)  # segments are contiguous, in order
-    with sdpa_kernel(NO_CUDNN):
-        logits = model(torch.tensor(tokens, device=dev)[None], cache=cache,
-                       positions=torch.tensor(pos, device=dev), mask=mask)[0]
-    slot_seg += seg
-    return logits
-
-
-def batches(sizes, budget):
-    """Consecutive groups of indices whose sizes sum to at most budget (a bigger item goes alone)."""
-    group, used = [], 0
-    for i, n in enumerate(sizes):
-        if group and used + n > budget:
-            yield group
-            group, used = [], 0
-        group.append(i)
-        used += n
-    if group:
-        yield group
-
-
-@torch.inference_mode()
-def score_options(model, prefix_tokens, segments, batch_tokens=2048, cache=None):
-    """Mean per-token loss of each segment's answer, every segment (input tokens, answer tokens)
-    following the shared prefix. The prefix is encoded once; segments are packed into rows of
-    about batch_tokens tokens."""
-    sizes = [len(x) + len(y) for x, y in segments]
-    cache = cache or new_cache(model, len(prefix_tokens) + max(batch_tokens, max(sizes)))
-    last = prefill(model, cache, prefix_tokens)
-    P = cache.length
-    if max(sizes) > cache.max_len - P:
-        raise ValueError(f"a segment of {max(sizes)} tokens does not fit after a prefix of {P} (cache of {cache.max_len})")
-    losses = []
-    for group in batches(sizes, min(batch_tokens, cache.max_len - P)):
-        cache.length = P  # drop the previous batch's segments
-        tokens, seg, pos, rows, targets, owner = [], [], [], [], [], []
-        for n, j in enumerate(group):
-            x, y = segments[j]
-            assert y, "an answer span is never empty ('⏎ y ⏎')"
-            start = len(tokens)
-            tokens += x + y
-            seg += [j] * (len(x) + len(y))
-            pos += range(P, P + len(x) + len(y))
-            # logits at t predict token t+1; an empty input's first answer token is predicted by the
-            # prefix's last logits, appended as row -1 below
-            rows += [start + len(x) + t - 1 if len(x) + t > 0 else -1 for t in range(len(y))]
-            targets += y
-            owner += [n] * len(y)
-        logits = torch.cat([extend(model, cache, P, tokens, seg, pos, []), last[None]])
-        dev = logits.device
-        nll = F.cross_entropy(logits[torch.tensor(rows, device=dev)], torch.tensor(targets, device=dev), reduction="none")
-        owner = torch.tensor(owner, device=dev)
-        sums = torch.zeros(len(group), device=dev).index_add_(0, owner, nll)
-        losses += (sums / torch.bincount(owner, minlength=len(group))).tolist()
-    cache.length = P
-    return losses
-
-
-@torch.inference_mode()
-def score_options_uncached(model, prefix_tokens, segments):
-    """The reference: each prompt re-encoded from scratch with a plain causal forward, the loss on
-    its answer span exactly as training computes it (targets_for, mask 'last'). For tests and bench."""
-    dev = model.tok_embeddings.weight.device
-    losses = []
-    for x, y in segments:
-        tokens = prefix_tokens + x + y
-        targets = data.targets_for(tokens, [(len(tokens) - len(y), len(tokens))], "last")
-        losses.append(model(torch.tensor(tokens, device=dev)[None], torch.as_tensor(targets, device=dev)[None]).item())
-    return losses
-
-
-@torch.inference_mode()
-def generate(model, prefix_tokens, inputs, stop_id, eos_id, max_new_tokens=32, batch_tokens=2048, cache=None):
-    """Greedy continuations of every input after the shared prefix. An answer span is '⏎ y ⏎', so
-    the model first emits the opening newline; a continuation ends at the second stop_id (the
-    closing newline), at eos, or after max_new_tokens (the stopping token counts, and is not
-    returned). Several inputs decode together, one row per step, each token at its own position."""
-    cache = cache or new_cache(model, len(prefix_tokens) + max(batch_tokens, max(map(len, inputs)) + max_new_tokens))
-    last = prefill(model, cache, prefix_tokens)
-    P = cache.length
-    caps = [min(max_new_tokens, cache.max_len - P - len(x)) for x in inputs]  # never past the cache
-    if min(caps) < 1:
-        raise ValueError(f"an input of {max(map(len, inputs))} tokens leaves no room after a prefix of {P} (cache of {cache.max_len})")
-    out = [[] for _ in inputs]
-    for group in batches([len(x) + c for x, c in zip(inputs, caps)], min(batch_tokens, cache.max_len - P)):
-        cache.length, slot_seg = P, []
-        # all inputs in one row; the logits at each one's last token give its first new token
-        tokens, seg, pos, ends = [], [], [], []
-        for j in group:
-            tokens += inputs[j]
-            seg += [j] * len(inputs[j])
-            pos += range(P, P + len(inputs[j]))
-            ends.append(len(tokens) - 1 if inputs[j] else -1)  # -1: the prefix's last logits
-        logits = extend(model, cache, P, tokens, seg, pos, slot_seg) if tokens else last[None, :0]
-        next_ids = torch.cat([logits, last[None]])[torch.tensor(ends, device=last.device)].argmax(-1).tolist()
-        active, newlines = group, dict.fromkeys(group, 0)
-        while True:
-            feed = []
-            for j, t in zip(active, next_ids):
-                if t == eos_id or (t == stop_id and newlines[j] == 1):
-                    continue  # the answer's closing newline (or eos): done
-                newlines[j] += t == stop_id
-                out[j].append(t)
-                if len(out[j]) < caps[j]:
-                    feed.append(j)
-            if not feed:
-                break
-            active = feed
-            logits = extend(model, cache, P, [out[j][-1] for j in active], active,
-                            [P + len(inputs[j]) + len(out[j]) - 1 for j in active], slot_seg)
-            next_ids = logits.argmax(-1).tolist()
-    cache.length = P
-    return out
 
 
 # ----------------------------------------------------------------------------- evaluation

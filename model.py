@@ -108,25 +108,24 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
 
-        if cache is None:
-            # Training path: plain causal attention, no mask tensor, GQA without copying K/V,
-            # so on a GPU in bf16 SDPA may pick its flash (or cuDNN) kernel.
-            if SDPA_HAS_GQA:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            else:
-                y = F.scaled_dot_product_attention(q, *repeat_kv(k, v, self.n_heads), is_causal=True)
+        if cache is not None:
+            # Inference path: write the new keys/values at cache.length. With keys before them,
+            # attend to all filled positions; `mask` (T, M) covers the last M of them, so that eval
+            # packs several queries after one prefix, each seeing the prefix and its own tokens.
+            start = cache.length
+            cache.k[layer_id][:B, :, start:start + T] = k
+            cache.v[layer_id][:B, :, start:start + T] = v
+            if start > 0 or mask is not None:
+                if mask is None and T > 1:  # causal among the new tokens, all earlier ones visible
+                    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                k, v = cache.k[layer_id][:B, :, :start + T], cache.v[layer_id][:B, :, :start + T]
+                return self.wo(cached_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+        # Training path (and a cache's first tokens): plain causal attention, no mask tensor, GQA
+        # without copying K/V, so on a GPU in bf16 SDPA may pick its flash (or cuDNN) kernel.
+        if SDPA_HAS_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            # Inference path: write the new keys/values at cache.length, attend to all filled
-            # positions. `mask` (T, length+T) lets eval pack several queries after one prefix.
-            start, end = cache.length, cache.length + T
-            cache.k[layer_id][:B, :, start:end] = k
-            cache.v[layer_id][:B, :, start:end] = v
-            k, v = cache.k[layer_id][:B, :, :end], cache.v[layer_id][:B, :, :end]
-            if mask is None and T > 1:  # causal, aligned to the bottom-right (queries are last)
-                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start)
-            # K/V repeated: with a mask, only the mem-efficient kernel avoids materialising the
-            # scores, and it does not take GQA (enable_gqa here falls back to the math kernel)
-            y = F.scaled_dot_product_attention(q, *repeat_kv(k, v, self.n_heads), attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, *repeat_kv(k, v, self.n_heads), is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -149,6 +148,47 @@ def repeat_kv(k, v, n_heads):
     """Each KV head serves n_heads // n_kv_heads query heads: copy it that many times."""
     rep = n_heads // k.shape[1]
     return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def cached_attention(q, k, v, mask=None):
+    """q (B, H, T, hd) against cached k, v (B, Hkv, S, hd); mask (T, M) covers the last M keys and
+    every query sees all S - M keys before them (a shared prefix; mask None: M = 0). A dense
+    (T, S) mask would drop SDPA off its fast kernels and cost, at a 32K prefix, more than the
+    prefix's own attention, so the two parts are attended separately: the prefix with no mask
+    (the H // Hkv query heads of a KV head stacked as rows: GQA without copying K/V), the masked
+    rest explicitly in fp32 (small), and the two merged by their log-sum-exps, which is exactly
+    softmax attention over the union."""
+    B, H, T, D = q.shape
+    S, M = k.shape[2], 0 if mask is None else mask.shape[-1]
+    if S > M:
+        y, lse = attention_lse(q.reshape(B, k.shape[1], -1, D), k[:, :, :S - M], v[:, :, :S - M])
+        y, lse = y.reshape(B, H, T, D).float(), lse.reshape(B, H, T, 1).float()
+        if mask is None:
+            return y.type_as(q)
+    k2, v2 = repeat_kv(k[:, :, S - M:].float(), v[:, :, S - M:].float(), H)
+    s = (q.float() @ k2.transpose(-1, -2) * D ** -0.5).masked_fill(~mask, float("-inf"))
+    lse2 = s.logsumexp(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)  # a row with all masked: 0, not nan
+    y2 = (s - lse2).exp() @ v2
+    if S == M:
+        return y2.type_as(q)
+    total = torch.logaddexp(lse, lse2)
+    return (y * (lse - total).exp() + y2 * (lse2 - total).exp()).type_as(q)
+
+
+def attention_lse(q, k, v):
+    """Unmasked attention and the log-sum-exp of each query's scores (B, H, T), which is needed to
+    merge it with attention over other keys. F.scaled_dot_product_attention does not return it;
+    its fused kernels' own ops do (flash on CPU and, in bf16/fp16, on CUDA; mem-efficient else)."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    if q.device.type == "cuda":
+        y, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        return y, lse[..., :q.shape[2]]  # the kernel pads its lse rows to a multiple of 32
+    s = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5  # other devices: plain
+    lse = s.logsumexp(-1)
+    return ((s - lse[..., None]).exp() @ v.float()).type_as(q), lse
 
 
 class FeedForward(nn.Module):

@@ -9,6 +9,7 @@ import torch
 
 import data
 import eval as ev
+import sample
 from data import Tokenizer, encode_example, pack, train_tokenizer
 from model import ModelArgs, Transformer
 
@@ -119,29 +120,13 @@ def test_draw_demos_limits(tok):
 
 # ----------------------------------------------------------------------------- cached scoring
 
-@pytest.mark.parametrize("k", [0, 3])
-def test_cached_scores_equal_uncached(tok, k):
-    model = random_model(tok)
-    pool = [encode_example(tok, e) for e in examples(5, options=False, seed=1)]
-    prefix = pack(pool[:k], tok.bos_id)[0]
-    queries = [encode_example(tok, dict(input=x, output="yes", options=["yes", "no", "maybe so", "the cat sat on a mat"]))
-               for x in ["the cat", "a dog ran far away and on", "red", ""]]  # "" : empty input at k=0
-    segments = [(ev.query_input(q, k), o) for q in queries for o in q.options]
-    assert len({len(x) + len(o) for x, o in segments}) > 4  # lengths differ
-    ref = ev.score_options_uncached(model, prefix, segments)
-    for budget in (2048, 20):  # all in one row; several rows
-        got = ev.score_options(model, prefix, segments, batch_tokens=budget)
-        assert np.allclose(got, ref, atol=1e-4, rtol=0), (budget, np.abs(np.array(got) - ref).max())
-    assert np.std(ref) > 0.1  # the options really score differently
-
-
 @pytest.mark.parametrize("options", [True, False])
 def test_answer_loss_is_the_gold_answers_loss(tok, options):
     model = random_model(tok)
     pool = [encode_example(tok, e) for e in examples(5, options=options, seed=1)]
     queries = [(ex, encode_example(tok, ex)) for ex in examples(4, options=options, seed=2)]
-    res, _ = ev.evaluate_prompt(model, ev.new_cache(model, 1024), pool[:3], queries, tok, 64, 4)
-    ref = ev.score_options_uncached(model, pack(pool[:3], tok.bos_id)[0],
+    res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 1024), pool[:3], queries, tok, 64, 4)
+    ref = sample.score_options_uncached(model, pack(pool[:3], tok.bos_id)[0],
                                     [(ev.query_input(q, 3), q.answer) for _, q in queries])
     assert res["answer_loss"] == pytest.approx(np.mean(ref), abs=1e-4)
 
@@ -156,7 +141,7 @@ def test_one_prompt_encodes_its_prefix_once(tok, options):
     pool = [encode_example(tok, e) for e in examples(60, options=options, seed=1)]
     queries = [(ex, encode_example(tok, ex)) for ex in examples(2, options=options, seed=2)]
     prefix = pack(pool, tok.bos_id)[0]
-    _, stats = ev.evaluate_prompt(model, ev.new_cache(model, 2048), pool, queries, tok, 256, 4)
+    _, stats = ev.evaluate_prompt(model, sample.new_cache(model, 2048), pool, queries, tok, 256, 4)
     inputs = [ev.query_input(q, len(pool)) for _, q in queries]
     gold = sum(len(x) + len(q.answer) for x, (_, q) in zip(inputs, queries))
     if options:
@@ -164,44 +149,6 @@ def test_one_prompt_encodes_its_prefix_once(tok, options):
         assert sum(embedded) == len(prefix) + segments + gold == stats["tokens_forwarded"]
     else:  # generation feeds at most 4 new tokens per query after its input
         assert len(prefix) + gold < sum(embedded) <= len(prefix) + gold + sum(map(len, inputs)) + 2 * 4
-
-
-def naive_generate(model, prompt, stop_id, eos_id, max_new_tokens):
-    out, newlines = [], 0
-    seq = list(prompt)
-    for _ in range(max_new_tokens):
-        t = model(torch.tensor(seq)[None])[0, -1].argmax().item()  # full forward, no cache
-        if t == eos_id or (t == stop_id and newlines == 1):
-            break
-        newlines += t == stop_id
-        out.append(t)
-        seq.append(t)
-    return out
-
-
-def test_cached_generation_equals_naive_greedy(tok):
-    model = random_model(tok, seed=1)
-    demos = [encode_example(tok, e) for e in examples(2, options=False, seed=2)]
-    prefix = pack(demos, tok.bos_id)[0]
-    inputs = [encode_example(tok, dict(input=x, output="a")).input for x in ["the cat", "red blue green yes", "no"]]
-    # A random model seldom emits a newline, so to exercise the stop rules take as "newline" a
-    # token it repeats, and as eos one it emits: the three queries end in different ways.
-    free = [naive_generate(model, prefix + x, -1, -1, 10) for x in inputs]
-    stop = next((t for r in free for t in r if r.count(t) > 1), free[0][0])
-    eos = free[2][4]
-    ref = [naive_generate(model, prefix + x, stop, eos, 10) for x in inputs]
-    assert min(map(len, ref)) < 10
-    for budget in (2048, 12):  # one batch; several
-        assert ev.generate(model, prefix, inputs, stop, eos, 10, batch_tokens=budget) == ref
-
-
-def test_generation_stops_at_the_closing_newline(tok):
-    model = tiny_model(tok)
-    q = encode_example(tok, dict(input="what is it", output="ans"))
-    overfit(model, pack([q], tok.bos_id)[0], steps=80)  # <s> what is it ⏎ ans ⏎
-    out = ev.generate(model, [tok.bos_id], [q.first_input], tok.newline_id, tok.eos_id, max_new_tokens=10)[0]
-    assert tok.decode(out).strip() == "ans" and len(out) < 10
-    assert out == q.answer[:-1]  # the opening newline and the answer; the closing one ended it
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -270,79 +217,3 @@ def test_main_end_to_end(tmp_path, tok, capsys):
     ppl = saved["perplexity"]
     assert ppl["16"]["base"]["ppl"] > 1 and ppl["100"]["trained"]["windows"] >= 1
     assert "max_seq_len=512" in ppl["1024"]["skipped"]
-
-
-def test_clear_errors(tmp_path, tok):
-    with pytest.raises(FileNotFoundError, match="nowhere: no such checkpoint"):
-        ev.find_checkpoint(str(tmp_path / "nowhere"))
-    os.makedirs(tmp_path / "empty" / "ckpt-000100")  # no DONE: incomplete
-    with pytest.raises(FileNotFoundError, match="empty: no complete checkpoint"):
-        ev.find_checkpoint(str(tmp_path / "empty"))
-    out, ckpt = fake_checkpoint(tmp_path, tok)
-    assert ev.find_checkpoint(str(out)) == str(ckpt) == ev.find_checkpoint(str(ckpt))
-    os.remove(ckpt / "tokenizer.model")
-    with pytest.raises(FileNotFoundError, match="tokenizer.model: tokenizer not found"):
-        ev.load_models(str(out), "cpu", torch.float32)
-
-
-def test_scratch_base_is_the_untrained_init(tmp_path, tok):
-    out, _ = fake_checkpoint(tmp_path, tok)
-    base, trained, _, config = ev.load_models(str(out), "cpu", torch.float32)
-    x = torch.tensor([[1, 5, 9, 4]])
-    ref = tiny_model(tok, seed=5, max_seq_len=512)
-    assert torch.equal(base(x), Transformer(ref.args).init_weights(5)(x)) and torch.equal(trained(x), ref(x))
-    assert config["seq_len"] == 256
-
-
-def write_ckpt(ckpt, tok, config):
-    shutil.copy(tok.path, ckpt / "tokenizer.model")
-    json.dump(config, open(ckpt / "config.json", "w"))
-    (ckpt / "DONE").write_text("")
-
-
-def test_adapter_and_fine_tuned_checkpoints(tmp_path, tok):
-    if not os.path.isfile(os.path.join(os.path.dirname(ev.__file__), "lora.py")):
-        pytest.skip("lora.py not written yet")
-    from lora import apply_lora, save_lora
-    from model import PRESETS
-    x = torch.tensor([[1, 5, 9, 4, 7]])
-    base_dir = tmp_path / "base"
-    base = tiny_model(tok, seed=7)
-    base.save_pretrained(str(base_dir))
-
-    def adapter(model, ckpt):
-        tuned = apply_lora(model, 4, 8, targets=["wq", "w2"])
-        with torch.no_grad():
-            for n, p in tuned.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-        save_lora(tuned, str(ckpt / "lora.safetensors"))
-        return tuned
-
-    # LoRA on a pretrained base: the base is that model, the trained one has the adapter merged
-    ckpt = tmp_path / "out" / "ckpt-000001"
-    tuned = adapter(tiny_model(tok, seed=7), ckpt)
-    config = dict(init=str(base_dir), seed=0, seq_len=64, lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets=["wq", "w2"])
-    write_ckpt(ckpt, tok, config)
-    b, t, _, _ = ev.load_models(str(tmp_path / "out"), "cpu", torch.float32)
-    assert torch.equal(b(x), base(x)) and torch.allclose(t(x), tuned(x), atol=1e-5)
-    json.dump(dict(config, lora_rank=8), open(ckpt / "config.json", "w"))
-    with pytest.raises(ValueError, match="lora.safetensors: LoRA rank is 4 in the file but 8 in the model"):
-        ev.load_models(str(ckpt), "cpu", torch.float32)
-
-    # LoRA on a scratch model (train.py allows it): the base is the preset's init with the seed
-    ckpt = tmp_path / "scratch_lora" / "ckpt-000003"
-    args = ModelArgs(**{**PRESETS["tiny"], "vocab_size": tok.vocab_size})
-    tuned = adapter(Transformer(args).init_weights(11), ckpt)
-    write_ckpt(ckpt, tok, dict(config, init="scratch", preset="tiny", seed=11))
-    b, t, _, _ = ev.load_models(str(ckpt), "cpu", torch.float32)
-    assert torch.equal(b(x), Transformer(args).init_weights(11)(x)) and torch.allclose(t(x), tuned(x), atol=1e-5)
-
-    # every weight fine-tuned from a pretrained base: full weights in the checkpoint
-    ckpt = tmp_path / "full" / "ckpt-000002"
-    tiny_model(tok, seed=8).save_pretrained(str(ckpt))
-    write_ckpt(ckpt, tok, dict(config, lora_rank=0))
-    b, t, _, _ = ev.load_models(str(ckpt), "cpu", torch.float32)
-    assert torch.equal(b(x), base(x)) and torch.equal(t(x), tiny_model(tok, seed=8)(x))
-    b, t, _, _ = ev.load_models(str(ckpt), "cpu", torch.float32, base=False)
-    assert b is None and t is not None
