@@ -435,10 +435,14 @@ def read_hf_config(path, files):
 
 def read_safetensors(files, device, dtype):
     """Tensors straight to the target device and dtype, one at a time (no full fp32 copy)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     state = {}
     for f in files:
-        with safe_open(f, "pt", device="cpu") as sf:
+        try:  # a truncated file (full disk, bad copy) fails here, on its header: say which file
+            sf = safe_open(f, "pt", device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"{f}: cannot read weights ({e})") from None
+        with sf:
             for key in sf.keys():
                 if key in state:
                     raise ValueError(f"{f}: key '{key}' appears in more than one weight file")

@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 from model import PRESETS, KVCache, ModelArgs, Transformer, read_json
+from train import unreadable
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -51,6 +52,9 @@ def load_models(path, device, dtype, base=True):
     The base is what training started from: the random init of init='scratch' (same seed, same
     shape), else the model in `init`. base=False skips it (None)."""
     ckpt = find_checkpoint(path)
+    why = unreadable(ckpt, ("consolidated.safetensors", "lora.safetensors", "config.json"))
+    if why:
+        raise ValueError(f"{why}\n  checkpoint {ckpt} cannot be read; pass an older ckpt-* folder to use that one")
     config = dict(read_json(os.path.join(ckpt, "config.json")), checkpoint=ckpt)
     tok_path = os.path.join(ckpt, "tokenizer.model")
     if not os.path.isfile(tok_path):

@@ -10,6 +10,9 @@ A checkpoint is a directory out_dir/ckpt-NNNNNN holding the weights (full, or th
 config.json, tokenizer.model and state.pt; rerunning the same command resumes from the newest.
 """
 import ast
+import difflib
+import inspect
+import io
 import json
 import math
 import os
@@ -17,7 +20,9 @@ import shutil
 import signal
 import sys
 import time
+import tokenize
 import traceback
+import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -68,15 +73,23 @@ class TrainConfig:
 
 
 def parse_config(argv, config_class=None):
-    """Defaults, then an optional config file of `key = literal` lines, then --key=value."""
+    """Defaults, then an optional config file of `key = literal` lines, then --key=value (or
+    --key value). -h / --help lists every key with its default and comment, and exits."""
     config_class = config_class or TrainConfig
     cfg, valid = config_class(), {f.name: f.type for f in fields(config_class)}
-    overrides = []
-    for arg in argv:
+    overrides, argv = [], list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if arg in ("-h", "--help"):
+            print(config_help(config_class))
+            sys.exit(0)
         if arg.startswith("--"):
-            if "=" not in arg:
-                sys.exit(f"error: expected --key=value, got {arg!r}")
-            overrides.append((arg[2:].split("=", 1)[0], arg.split("=", 1)[1], "command line"))
+            key, eq, value = arg[2:].partition("=")
+            if not eq:  # --key value
+                if not argv or argv[0].startswith("--"):
+                    sys.exit(f"error: {arg} needs a value: --{key}=VALUE or --{key} VALUE")
+                value = argv.pop(0)
+            overrides.append((key, value, "command line"))
         else:  # a config file: python syntax, but only literal assignments (never exec'd)
             try:
                 tree = ast.parse(open(arg).read(), arg)
@@ -88,12 +101,31 @@ def parse_config(argv, config_class=None):
                 overrides.append((node.targets[0].id, ast.literal_eval(node.value), f"{arg}:{node.lineno}"))
     for key, value, where in overrides:
         if key not in valid:
-            sys.exit(f"error: unknown config key '{key}' ({where}); valid keys: {', '.join(valid)}")
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+            sys.exit(f"error: unknown config key '{key}' ({where}); {hint} (--help lists them all)")
         try:
             setattr(cfg, key, convert(value, valid[key]))
         except ValueError:
             sys.exit(f"error: bad value {value!r} for '{key}' ({where}): expected {valid[key]}")
     return cfg
+
+
+def config_help(config_class):
+    """The script's docstring, then every key with its default and the comment beside it in the
+    class: read from the source, so those comments stay the one place a key is documented. A
+    comment alone on the next line, indented past the key, continues it."""
+    comments, name, col = {}, None, 0
+    for t in tokenize.generate_tokens(io.StringIO(inspect.getsource(config_class)).readline):
+        if t.type == tokenize.NAME and t.line[:t.start[1]].isspace():  # first word of a line
+            name, col = t.string, t.start[1]
+        elif t.type == tokenize.COMMENT and name and (not t.line[:t.start[1]].isspace() or t.start[1] > col):
+            comments[name] = (comments.get(name, "") + " " + t.string.lstrip("# ")).strip()
+    doc = (getattr(sys.modules["__main__"], "__doc__", None) or "").strip("\n")
+    keys = [(f"  --{f.name}={getattr(config_class, f.name)!s}", comments.get(f.name, "")) for f in fields(config_class)]
+    width = max(len(k) for k, _ in keys) + 2
+    return "\n".join([doc, "", "keys (--key=value or --key value; default shown):"] +
+                     [f"{k:<{width}}{c}".rstrip() for k, c in keys])
 
 
 def convert(value, typ):
@@ -141,6 +173,29 @@ def find_checkpoints(out_dir):
     if not os.path.isdir(out_dir):
         return []
     return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("ckpt-"))
+
+
+def unreadable(ckpt, names=("consolidated.safetensors", "lora.safetensors", "state.pt", "config.json")):
+    """Why one of a checkpoint's files cannot be read, or None. Checkpoints are renamed into place
+    only when complete, so a kill never leaves a broken one; a full disk or a bad copy can (a
+    truncated file). Cheap: a safetensors header must cover its file, a zip (state.pt) ends with
+    its directory; the tensors themselves are not read."""
+    from safetensors import SafetensorError, safe_open
+    weights = [n for n in names if n.endswith(".safetensors") and os.path.isfile(os.path.join(ckpt, n))]
+    if not weights:
+        return f"{ckpt}: no weights (consolidated.safetensors or lora.safetensors)"
+    for name in weights + [n for n in names if not n.endswith(".safetensors")]:
+        path = os.path.join(ckpt, name)
+        try:
+            if name.endswith(".safetensors"):
+                safe_open(path, "pt").keys()
+            elif name.endswith(".pt"):
+                zipfile.ZipFile(path).close()
+            else:
+                json.load(open(path))
+        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as e:
+            return f"{path}: {e}"
+    return None
 
 
 def tokenizer_path(cfg):
@@ -218,8 +273,24 @@ def main(argv):
            f"{micro_steps} micro-steps x {cfg.batch_size} sequences per rank, global batch {cfg.batch_size * cfg.grad_accum}")
 
     # ---- model: fresh, or loaded; then LoRA; then resume
-    ckpts = find_checkpoints(cfg.out_dir)
-    resume = ckpts[-1] if ckpts else None
+    ckpts, problems = find_checkpoints(cfg.out_dir), {}
+    for ckpt in reversed(ckpts):  # the newest that can be read
+        problems[ckpt] = unreadable(ckpt)
+        if problems[ckpt] is None:
+            break
+    resume = next((c for c, why in problems.items() if why is None), None)
+    if ckpts and resume is None:
+        raise ValueError(f"none of the {len(ckpts)} checkpoints in {cfg.out_dir} can be read; the newest: "
+                         f"{problems[ckpts[-1]]}. Move them away to start afresh")
+    if ddp and len(problems) > 1:
+        dist.barrier()  # every rank has looked before rank 0 moves the broken ones away
+    for ckpt, why in problems.items():
+        if why:  # moved out of the ckpt-* names, or the rerun would not save that step, or rotate wrongly
+            moved = os.path.join(cfg.out_dir, "unreadable-" + os.path.basename(ckpt))
+            print0(f"warning: {why}\n  checkpoint {ckpt} cannot be read: resuming from {resume}; moved to {moved}")
+            if master:
+                shutil.rmtree(moved, ignore_errors=True)  # a broken copy of the same step, from before
+                os.replace(ckpt, moved)
     weights_dtype = dtype if cfg.lora_rank else torch.float32  # frozen base in bf16; trained weights fp32
     if resume and not cfg.lora_rank:
         model = Transformer.from_pretrained(resume, device, weights_dtype)

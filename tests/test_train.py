@@ -141,3 +141,37 @@ def test_config_file_then_overrides(suite, tmp_path):
     run([str(cfg)] + common(suite, out, max_steps=2, lr=None))
     saved = json.load(open(os.path.join(out, "ckpt-000002", "config.json")))
     assert saved["loss_mask"] == "last" and saved["max_steps"] == 2 and saved["lr"] == 1e-3
+
+
+def test_help_and_key_value_with_a_space():
+    from train import TrainConfig
+    for script, key in (("train.py", "loss_mask"), ("bench.py", "prefix")):
+        for flag in ("--help", "-h"):
+            p = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0 and f"--{key}=" in p.stdout, p.stderr
+    help_text = run(["--help"]).stdout
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}={getattr(TrainConfig, name)}" in help_text
+    assert "last (MetaICL)" in help_text  # the same-line comment of loss_mask, read from the source
+    p = run(["--max_step", "3"], check=False)
+    assert p.returncode != 0 and "unknown config key 'max_step' (command line); did you mean 'max_steps'?" in p.stderr
+    p = run(["--max_steps"], check=False)
+    assert p.returncode != 0 and "--max_steps needs a value" in p.stderr
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(suite, tmp_path):
+    out = str(tmp_path / "trunc")
+    run(common(suite, out, max_steps=2, ckpt_interval=1, eval_interval=100))
+    newest = os.path.join(out, "ckpt-000002", "consolidated.safetensors")
+    with open(newest, "r+b") as f:  # a full disk: the weights file cut short
+        f.truncate(os.path.getsize(newest) // 2)
+    # --key value (a space) works as well as --key=value
+    p = run(common(suite, out, max_steps=None, ckpt_interval=1, eval_interval=100) + ["--max_steps", "3"])
+    assert "warning: " + newest in p.stdout and "resuming from " + os.path.join(out, "ckpt-000001") + " at step 1" in p.stdout
+    assert sorted(os.listdir(out)) == ["ckpt-000002", "ckpt-000003", "log.jsonl", "unreadable-ckpt-000002"]
+    assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2, 2, 3]
+    for ckpt in ("ckpt-000002", "ckpt-000003"):  # none readable: one clear error naming the file
+        open(os.path.join(out, ckpt, "state.pt"), "w").write("not a zip")
+    p = run(common(suite, out, max_steps=4), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "none of the 2 checkpoints" in p.stderr and os.path.join(out, "ckpt-000003", "state.pt") in p.stderr
