@@ -35,6 +35,7 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
+        self.fused = False  # see project_many
         # LoRA weights are fp32 whatever the base dtype: they are the master copies AdamW updates.
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Linear(self.in_features, rank, **kw)
@@ -48,8 +49,25 @@ class LoRALinear(nn.Module):
         # autograd casts the gradients back up, so AdamW sees fp32 grads on fp32 weights.
         # Computing in x's dtype also lets wq/wk/wv's adapters share one saved copy of x for
         # backward, instead of each keeping its own fp32 upcast.
+        if self.fused and not self.dropout.p:
+            return LoRALinear.project_many(x, [self])[0]
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
         return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), a), b) * self.scale
+
+    @staticmethod
+    def project_many(x, linears):
+        """Linears that all read x (model.project: wq/wk/wv, w1/w3, or one alone). Fused (apply_lora's
+        fused=True, no dropout): their A's in one matmul, so x is read once, not three times, forward
+        and backward; and each B matmul adds its scaled update to the base output inside the GEMM
+        (addmm), where plain LoRA spends two more passes over a (tokens, out) tensor on `* scale`
+        and `+`. Same maths, and still one A per linear in the parameters and the files."""
+        if not all(isinstance(m, LoRALinear) and m.fused and not m.dropout.p for m in linears):
+            return [m(x) for m in linears]
+        x2 = x.reshape(-1, x.shape[-1])
+        a = torch.cat([m.lora_A.weight for m in linears]).to(x.dtype)
+        ax = F.linear(x2, a).split([m.lora_A.out_features for m in linears], dim=-1)
+        return [torch.addmm(F.linear(x2, m.weight), ax_m, m.lora_B.weight.to(x.dtype).t(), alpha=m.scale)
+                .view(*x.shape[:-1], m.out_features) for m, ax_m in zip(linears, ax)]
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, rank={self.lora_A.out_features}, scale={self.scale}"
@@ -65,9 +83,10 @@ def _require_lora(model, who):
     return model.lora_config
 
 
-def apply_lora(model, rank, alpha, dropout=0.0, targets=ALL_TARGETS):
+def apply_lora(model, rank, alpha, dropout=0.0, targets=ALL_TARGETS, fused=False):
     """Wrap `targets` in every block with LoRALinear and freeze every other parameter. Call it
-    after the base weights are loaded: the LoRA weights go on the base weight's device."""
+    after the base weights are loaded: the LoRA weights go on the base weight's device. fused:
+    LoRALinear.project_many's path (without dropout only; bench.py times it against the plain one)."""
     unknown = sorted(set(targets) - set(ALL_TARGETS))
     if unknown or not targets:
         raise ValueError(f"LoRA targets {targets!r}: choose one or more of {ALL_TARGETS}")
@@ -80,6 +99,7 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=ALL_TARGETS):
         for t in targets:
             parent = getattr(layer, _block(t))
             setattr(parent, t, LoRALinear(getattr(parent, t), rank, alpha, dropout))
+            getattr(parent, t).fused = fused
     model.lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
     return model
 

@@ -91,6 +91,13 @@ class KVCache:
         self.max_len = max_len
 
 
+def project(x, *linears):
+    """x through several linears that all read it (wq, wk, wv; w1, w3). A module class may do them
+    together in a static `project_many(x, linears)`: lora.py's shares one matmul for their A's."""
+    many = getattr(linears[0], "project_many", None)
+    return many(x, linears) if many else [m(x) for m in linears]
+
+
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -102,9 +109,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer_id=0, mask=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, self.wq, self.wk, self.wv)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
 
@@ -199,7 +206,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+        gate, up = project(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
@@ -226,9 +234,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from embeddings
-        # False, True (recompute each block in the backward pass) or "selective" (recompute it
-        # but keep the attention outputs: attention is half the FLOPs at 32K, projections are cheap)
-        self.activation_checkpointing = False
+        # Per block: "none", "full" (recompute the block in the backward pass) or "selective"
+        # (recompute it but keep the attention outputs: attention is half the FLOPs at 32K,
+        # projections are cheap). One name for all blocks, or a list (plan_checkpointing's).
+        self.activation_checkpointing = "none"
 
     def compile_blocks(self):
         """torch.compile each block, not the whole model: fuses the fp32 norm/RoPE/SwiGLU
@@ -237,6 +246,15 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.compile()
         return self
+
+    def checkpointing_plan(self):
+        """activation_checkpointing as one scheme per block (False and True mean none and full)."""
+        ac = self.activation_checkpointing
+        plan = list(ac) if isinstance(ac, (list, tuple)) else [ac] * len(self.layers)
+        plan = [{False: "none", True: "full"}.get(s, s) for s in plan]
+        if len(plan) != len(self.layers) or not set(plan) <= {"none", "selective", "full"}:
+            raise ValueError(f"activation_checkpointing={ac!r}: expected none, selective, full or a list of those, one per layer")
+        return plan
 
     def init_weights(self, seed=0):
         """Random init for training from scratch or benchmarking, in place on the model's own
@@ -267,11 +285,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
 
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
-                keep_attention = self.activation_checkpointing == "selective"
+        for layer, scheme in zip(self.layers, self.checkpointing_plan()):
+            if scheme != "none" and torch.is_grad_enabled() and cache is None:
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False,
-                               **({"context_fn": keep_attention_outputs} if keep_attention else {}))
+                               **({"context_fn": keep_attention_outputs} if scheme == "selective" else {}))
             else:
                 h = layer(h, cos, sin, cache, mask)
         if cache is not None:
@@ -364,6 +381,64 @@ def flops_per_token(args, seq_len, lora=True):
                 if p.dim() == 2 and "tok_embeddings" not in name)
     attn = 6 * args.n_layers * args.n_heads * args.head_dim * seq_len
     return (4 if lora else 6) * n + attn
+
+
+# ----------------------------------------------------------------------------- activation memory
+
+def activation_bytes(args, tokens, dtype_bytes=2, lora_rank=0, lora_targets=(), train_base=False):
+    """Bytes one block keeps for the backward pass over `tokens` (batch * seq_len), per scheme,
+    counted from the eager block's saved tensors (tests/test_model.py checks them on the CPU
+    allocator). none: each RMSNorm's fp32 input and rsqrt, q and k after RoPE, v, SDPA's output
+    and fp32 log-sum-exp, SwiGLU's gate, up and silu(gate), the input of each linear whose weight
+    or LoRA A trains (a frozen linear keeps only its weight), LoRA's rank-r intermediates.
+    selective: the block's input, SDPA's output and log-sum-exp. full: the block's input.
+    Left out: LoRA weights cast to bf16, 2 * r * (in + out) bytes per linear (2.6 MB a 7B block)."""
+    a, e = args, dtype_bytes
+    hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    trains = lambda *names: train_base or (lora_rank > 0 and any(t in lora_targets for t in names))
+    sdpa = e * hq + 4 * a.n_heads
+    none = (2 * (4 * a.dim + 4) + e * (hq + 2 * hkv) + sdpa + 3 * e * a.hidden_dim + e * lora_rank * len(lora_targets)
+            + e * a.dim * (trains("wq", "wk", "wv") + trains("w1", "w3") + 2 * train_base)  # 2: trained norm weights
+            + e * a.hidden_dim * trains("w2"))
+    return {"none": tokens * none, "selective": tokens * (e * a.dim + sdpa), "full": tokens * e * a.dim}
+
+
+def estimate_peak(args, seq_len, batch, plan, fixed_bytes, **estimate):
+    """fixed_bytes (weights, gradients, optimizer state) + what each block keeps under `plan` +
+    a working set of 1.5 blocks' activations (one block recomputed and backpropagated, with its
+    gradients): the factor the README's H100 figures imply (1.2-1.5 for full and selective
+    checkpointing at 8K and 32K, eager or compiled per block)."""
+    act = activation_bytes(args, seq_len * batch, **estimate)
+    return fixed_bytes + sum(act[s] for s in plan) + 1.5 * act["none"]
+
+
+def plan_checkpointing(args, seq_len, batch, budget_bytes, fixed_bytes, **estimate):
+    """The per-block schemes that recompute the least forward work while estimate_peak fits the
+    budget: a full block recomputes its matmuls and attention, a selective one its matmuls, none
+    nothing. Blocks are alike, so only the counts matter, and every split is tried. Full blocks
+    come first, none last: the backward pass frees the last blocks' activations first, before it
+    needs memory to recompute the earlier ones."""
+    d, hq, hkv, L = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_layers
+    matmul = 2 * d * (2 * hq + 2 * hkv + 3 * args.hidden_dim)  # forward FLOPs per token
+    recompute = {"none": 0, "selective": matmul, "full": matmul + 2 * hq * seq_len}  # + causal QK^T and AV
+    peak = lambda plan: estimate_peak(args, seq_len, batch, plan, fixed_bytes, **estimate)
+    plans = [["full"] * (L - s - n) + ["selective"] * s + ["none"] * n for n in range(L + 1) for s in range(L + 1 - n)]
+    fits = [p for p in plans if peak(p) <= budget_bytes]
+    if not fits:
+        raise ValueError(f"activation checkpointing: even 'full' in every block needs ~{peak(['full'] * L) / 2**30:.1f} GiB "
+                         f"(estimated), more than the budget of {budget_bytes / 2**30:.1f} GiB")
+    return min(fits, key=lambda p: (sum(recompute[s] for s in p), peak(p)))
+
+
+def training_memory(model, dtype):
+    """What estimate_peak needs to know of a model about to train with activations in `dtype`:
+    the bytes held all run (weights; gradients and AdamW's two fp32 moments of the trainable
+    ones) and activation_bytes' keywords (LoRA's as apply_lora recorded them)."""
+    named = list(model.named_parameters())
+    fixed = sum(p.nbytes + (p.nbytes + 8 * p.numel()) * p.requires_grad for _, p in named)
+    lora = getattr(model, "lora_config", {})
+    return fixed, dict(dtype_bytes=dtype.itemsize, lora_rank=lora.get("rank", 0), lora_targets=lora.get("targets", ()),
+                       train_base=any(p.requires_grad and ".lora_" not in n for n, p in named))
 
 
 # ----------------------------------------------------------------------------- checkpoint files

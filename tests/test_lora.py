@@ -8,7 +8,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora import (LoRALinear, apply_lora, export_peft, load_lora, lora_parameters, lora_state_dict,
+from lora import (ALL_TARGETS, LoRALinear, apply_lora, export_peft, load_lora, lora_parameters, lora_state_dict,
                   merge_lora, save_lora)
 from model import ModelArgs, Transformer
 
@@ -226,3 +226,32 @@ def test_bf16_base_with_fp32_lora(tmp_path):
     # mistral-inference's load_lora wants the adapter in the model's dtype
     save_lora(model, str(tmp_path / "lora.safetensors"), dtype=torch.bfloat16)
     assert {v.dtype for v in load_file(str(tmp_path / "lora.safetensors")).values()} == {torch.bfloat16}
+
+
+def matmuls(model):
+    """How many matmuls (aten mm and addmm) one forward pass launches."""
+    with torch.profiler.profile() as prof:
+        model(TOKENS[:, :-1], targets=TOKENS[:, 1:])
+    return sum(e.name in ("aten::mm", "aten::addmm") for e in prof.events())
+
+
+@pytest.mark.parametrize("targets", [ALL_TARGETS, ("wq", "wv", "w1", "w2")])
+def test_fused_lora_matches_plain(targets):
+    """fused=True (one A matmul for wq/wk/wv and one for w1/w3; scale and add inside addmm): the
+    same loss and gradients as the plain path, in fp32 to rounding and in bf16 to bf16's precision,
+    and the same parameter names, so the files do not change."""
+    out = {}
+    for dtype, fused in [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)]:
+        model = randomize_lora(apply_lora(tiny_model().to(dtype), rank=4, alpha=8, targets=targets, fused=fused))
+        loss = model(TOKENS[:, :-1], targets=TOKENS[:, 1:])
+        loss.backward()
+        out[dtype, fused] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    (l0, g0), (l1, g1) = out[torch.float32, False], out[torch.float32, True]
+    assert torch.allclose(l0, l1, atol=1e-6) and g0.keys() == g1.keys()
+    assert all(torch.allclose(g0[k], g1[k], rtol=1e-5, atol=1e-6) for k in g0)
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+    for fused in (False, True):  # bf16 against fp32: the plain path's gradients are up to 5% off here
+        lb, gb = out[torch.bfloat16, fused]
+        assert abs(lb - l0) < 2e-2 * l0 and max(rel(gb[k], g0[k]) for k in g0) < 0.1
+    if targets == ALL_TARGETS:  # the shared A's: 2 fewer matmuls for wq/wk/wv, 1 fewer for w1/w3, per block
+        assert matmuls(lora_model()) - matmuls(lora_model(fused=True)) == 3 * ARGS.n_layers
