@@ -11,16 +11,27 @@ them (data.pack) and encoded once into a KV cache; every query follows them. A q
 ({"input": ..., "options": [...]}) is answered with the option whose answer span scores best, as
 eval.py scores them; any other by generation up to the answer's closing newline (greedy, or
 sampled with --temperature/--top_k), streamed as it comes. Answers go to stdout beside their
-inputs (input, tab, answer: one line each); notes go to stderr.
+inputs (input, tab, answer: one line each); notes go to stderr. --k=max takes as many as fit in
+the context the model was trained at (--seq_len), leaving --room tokens for a query and its answer.
+
+--cache=PATH keeps the encoded demonstrations (every layer's keys and values for the prefix, as
+safetensors) with what identifies them: the model's weights, the tokenizer, the prefix tokens and
+the dtype. Later calls read them instead of encoding the prefix again (a 32K-token prompt is
+encoded once per task, ever); a cache made for anything else is refused.
 
 This file is also where KV-cache inference lives, for eval.py and bench.py: a shared prefix is
 encoded once (`prefill`), then many segments (queries, options) are packed after it in one row
 (`extend`), each attending to the prefix and to its own tokens only, at its own positions.
 Rewinding cache.length to the prefix discards them (`score_options`, `generate`).
 """
+import argparse
 import copy
+import hashlib
+import json
 import os
 import re
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -265,3 +276,185 @@ def generate(model, prefix_tokens, inputs, stop_id, eos_id, max_new_tokens=32, b
             next_ids = pick(logits, temperature, top_k, g)
     cache.length = P
     return out
+
+
+# ----------------------------------------------------------------------------- the prefix cache file
+
+
+def identity(model, tok, config):
+    """What a cached prefix was made from. The model is a hash of 64 values sampled from every
+    weight as loaded: the same for one checkpoint wherever it lies, in either layout, and
+    different for any other weights (fine-tuning or a merged adapter moves every element)."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().flatten()
+        h.update(name.encode() + flat[::max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+    with open(tok.path, "rb") as f:
+        tokenizer = hashlib.sha256(f.read()).hexdigest()[:16]
+    return dict(format="manyicl-prefix-cache-1", model=h.hexdigest()[:16], tokenizer=tokenizer,
+                dtype=str(model.tok_embeddings.weight.dtype), checkpoint=config["checkpoint"])
+
+
+def save_prefix(cache, path, ident):
+    """The encoded prefix (keys and values of every layer, the logits after it) and its identity."""
+    from safetensors.torch import save_file
+    P, tensors = cache.length, {"tokens": torch.tensor(cache.prefix), "logits": cache.prefix_logits.float().cpu()}
+    for i, (k, v) in enumerate(zip(cache.k, cache.v)):
+        tensors[f"k.{i}"], tensors[f"v.{i}"] = k[0, :, :P].contiguous().cpu(), v[0, :, :P].contiguous().cpu()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, path + ".tmp", metadata=ident)
+    os.replace(path + ".tmp", path)  # never a half-written cache under the name
+
+
+def load_prefix(cache, path, ident, prefix):
+    """Fill an emptied cache from a file save_prefix wrote for this very model, tokenizer, dtype
+    and prefix; refuse any other, naming the file."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        f = safe_open(path, "pt", device=str(cache.k[0].device))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: cannot read this prefix cache ({e}); delete it to make a new one") from None
+    with f:
+        meta = f.metadata() or {}
+        for key, what in (("format", "something else"), ("model", "another model"),
+                          ("tokenizer", "another tokenizer"), ("dtype", "another dtype")):
+            if meta.get(key) != ident[key]:
+                raise ValueError(f"{path}: a prefix cache made for {what} ({key} {meta.get(key)}, made from "
+                                 f"{meta.get('checkpoint')}; now {ident[key]}): pass another --cache, or delete it")
+        tokens = f.get_tensor("tokens").tolist()
+        if tokens != prefix:
+            raise ValueError(f"{path}: a prefix cache made for other demonstrations ({len(tokens)} tokens; these "
+                             f"pack to {len(prefix)}{', and differ' if len(tokens) == len(prefix) else ''}): "
+                             f"pass another --cache, or delete it")
+        if len(prefix) + 1 > cache.max_len:
+            raise ValueError(f"{path}: a prefix of {len(prefix)} tokens leaves no room in a context of {cache.max_len}")
+        for i in range(len(cache.k)):
+            cache.k[i][0, :, :len(prefix)] = f.get_tensor(f"k.{i}")
+            cache.v[i][0, :, :len(prefix)] = f.get_tensor(f"v.{i}")
+        cache.prefix_logits = f.get_tensor("logits")
+    cache.length, cache.prefix = len(prefix), list(prefix)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def choose_demos(pool, k, seq_len, room):
+    """The first k examples, or (k='max') as many as fit leaving room tokens of the context free."""
+    room = room if k == "max" else 1  # a given k: whatever is left, each query is checked as it comes
+    demos, length = [], 1  # <s>
+    for ex in pool[:None if k == "max" else k]:
+        cost = len(ex.first_input if not demos else ex.input) + len(ex.answer)
+        if length + cost + room > seq_len:
+            if k == "max":
+                break
+            raise ValueError(f"k={k} demonstrations do not fit in seq_len={seq_len}")
+        demos.append(ex)
+        length += cost
+    if k != "max" and len(demos) < k:
+        raise ValueError(f"k={k} is more than the {len(pool)} demonstrations there are")
+    return demos
+
+
+def read_queries(a):
+    """--prompt, or the lines of --queries (JSON objects: input and maybe options), or of stdin."""
+    if a.prompt is not None:
+        yield dict(input=a.prompt)
+    elif a.queries:
+        with open(a.queries, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        q = json.loads(line)
+                    except json.JSONDecodeError:
+                        q = None
+                    if not isinstance(q, dict) or not isinstance(q.get("input"), str):
+                        raise ValueError(f"{a.queries}:{n}: expected a JSON object with an 'input' string")
+                    yield q
+    else:
+        if sys.stdin.isatty():
+            print("one input per line (Ctrl-D to end)", file=sys.stderr)
+        for line in sys.stdin:
+            yield dict(input=line.rstrip("\n"))
+
+
+def answer(model, cache, prefix, tok, query, n_demos, a):
+    """Print the query's input, a tab and its answer: the best option, or a generation streamed."""
+    options = query.get("options") or []
+    enc = data.encode_example(tok, dict(input=query["input"], output="", options=options))
+    x = enc.input if n_demos else enc.first_input  # as pack() places it after the demonstrations
+    print(query["input"].replace("\n", " ") + "\t", end="", flush=True)
+    if options:
+        losses = score_options(model, prefix, [(x, o) for o in enc.options], cache=cache, reduction=a.reduction)
+        print(options[min(range(len(options)), key=losses.__getitem__)], flush=True)
+        return
+    ids, shown = [], ""
+    def stream(_, token):  # print what the decoded answer settles to (a piece may still change)
+        nonlocal shown
+        ids.append(token)
+        text = tok.decode(ids).strip().replace("\n", " ")
+        if text.startswith(shown):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    generate(model, prefix, [x], tok.newline_id, tok.eos_id, a.max_new_tokens, cache=cache,
+             temperature=a.temperature, top_k=a.top_k, seed=a.seed, on_token=stream)
+    print(flush=True)
+
+
+def main(argv=None):
+    t_start = time.perf_counter()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out", help="an out_dir (its newest complete checkpoint) or a ckpt-* folder")
+    p.add_argument("--demos", required=True, help="demonstrations: a JSONL task file (input, output), in order")
+    p.add_argument("--k", default="max", type=lambda v: v if v == "max" else int(v), help="how many (default: max)")
+    p.add_argument("--prompt", help="one input (else --queries, else stdin)")
+    p.add_argument("--queries", help="JSONL: one query per line, {\"input\": ...} with \"options\" if any")
+    p.add_argument("--cache", help="prefix cache file: written on the first call, read on later ones")
+    p.add_argument("--seq_len", type=int, help="context (default: the checkpoint's training seq_len)")
+    p.add_argument("--room", type=int, default=256, help="tokens --k=max leaves for a query and its answer")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top_k", type=int, help="sample from the top_k most likely tokens only")
+    p.add_argument("--seed", type=int, default=0, help="for sampling")
+    p.add_argument("--reduction", choices=["mean", "sum"], default="mean", help="option score: loss per token, or summed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    a = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+    note = lambda *m: print(*m, file=sys.stderr, flush=True)
+
+    _, model, tok, config = load_models(a.ckpt, a.device, dtype, base=False)
+    seq_len = a.seq_len or config["seq_len"]
+    model.check_length(seq_len)  # the model's max_seq_len
+    pool = [data.encode_example(tok, ex) for ex in data.read_examples(a.demos)]
+    demos = choose_demos(pool, a.k, seq_len, a.room)
+    prefix = data.pack(demos, tok.bos_id)[0]  # the same function as training
+    cache = new_cache(model, seq_len)
+    t0 = time.perf_counter()
+    if a.cache and os.path.exists(a.cache):
+        load_prefix(cache, a.cache, identity(model, tok, config), prefix)
+        how = f"read from {a.cache}"
+    else:
+        with torch.inference_mode():
+            prefill(model, cache, prefix)
+        how = "encoded"
+        if a.cache:
+            save_prefix(cache, a.cache, identity(model, tok, config))
+            how += f" and written to {a.cache}"
+    note(f"{config['checkpoint']}: {len(demos)} demonstrations from {a.demos}, {len(prefix)} tokens, "
+         f"{how} in {time.perf_counter() - t0:.2f} s")
+    for n, query in enumerate(read_queries(a)):
+        try:
+            answer(model, cache, prefix, tok, query, len(demos), a)
+        except ValueError as e:  # one query too long for the room left: say so, go on with the next
+            print(flush=True)
+            note(f"error: {e}")
+        if n == 0:
+            note(f"first answer {time.perf_counter() - t_start:.2f} s after start")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: a message, not a traceback
+        raise SystemExit(f"error: {e}")

@@ -187,3 +187,106 @@ def test_adapter_and_fine_tuned_checkpoints(tmp_path, tok):
     assert torch.equal(b(x), base(x)) and torch.equal(t(x), tiny_model(tok, seed=8)(x))
     b, t, _, _ = sample.load_models(str(ckpt), "cpu", torch.float32, base=False)
     assert b is None and t is not None
+
+
+def test_top_k_1_sampling_is_greedy_and_a_seed_repeats(tok):
+    model = random_model(tok, seed=4)
+    prefix = pack([encode_example(tok, e) for e in examples(2, options=False, seed=5)], tok.bos_id)[0]
+    inputs = [encode_example(tok, dict(input=x, output="a")).input for x in ("the cat", "no")]
+    greedy = sample.generate(model, prefix, inputs, -1, -1, 8)
+    assert sample.generate(model, prefix, inputs, -1, -1, 8, temperature=1.0, top_k=1) == greedy
+    hot = [sample.generate(model, prefix, inputs, -1, -1, 8, temperature=5.0, seed=s) for s in (1, 1, 2)]
+    assert hot[0] == hot[1] != hot[2]
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def task_files(tmp_path, tok):
+    """A fake checkpoint, demonstrations, and queries: free-form ones and ones with options."""
+    out, ckpt = fake_checkpoint(tmp_path, tok)
+    demos = examples(12, options=False, seed=7)
+    sample_dir = tmp_path / "t"
+    os.makedirs(sample_dir, exist_ok=True)
+    for name, rows in (("train", demos), ("free", examples(3, options=False, seed=8)), ("opt", examples(3, options=True, seed=9))):
+        with open(sample_dir / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return out, ckpt, demos, str(sample_dir)
+
+
+def answers(capsys, argv):
+    sample.main(argv)
+    return [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+
+
+def counting_embeddings(monkeypatch):
+    """Tokens the loaded model embeds, i.e. forwards (the prefix included when it is encoded)."""
+    embedded, load = [], sample.load_models
+    def counted(*a, **kw):
+        base, model, tok, config = load(*a, **kw)
+        model.tok_embeddings.register_forward_hook(lambda m, inp, out: embedded.append(inp[0].numel()))
+        return base, model, tok, config
+    monkeypatch.setattr(sample, "load_models", counted)
+    return embedded
+
+
+def test_sample_answers_equal_evals(tmp_path, tok, capsys, monkeypatch):
+    import eval as ev
+    out, ckpt, demos, d = task_files(tmp_path, tok)
+    common = ["--ckpt", str(out), "--demos", f"{d}/train.jsonl", "--k", "5", "--max_new_tokens", "6", "--device", "cpu"]
+    free = answers(capsys, common + ["--queries", f"{d}/free.jsonl"])
+    _, model, _, _ = sample.load_models(str(out), "cpu", torch.float32, base=False)
+    queries = [(ex, encode_example(tok, ex)) for ex in examples(3, options=False, seed=8)]
+    res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 256), [encode_example(tok, e) for e in demos[:5]],
+                                queries, tok, 2048, 6)
+    assert free == [[s["input"], s["prediction"].replace("\n", " ")] for s in res["samples"]]
+    # options: the one whose answer span has the lowest mean loss, re-encoding every prompt from scratch
+    opt = answers(capsys, common + ["--queries", f"{d}/opt.jsonl"])
+    prefix = pack([encode_example(tok, e) for e in demos[:5]], tok.bos_id)[0]
+    for (inp, got), ex in zip(opt, examples(3, options=True, seed=9)):
+        q = encode_example(tok, ex)
+        losses = sample.score_options_uncached(model, prefix, [(q.input, o) for o in q.options])
+        assert inp == ex["input"] and got == ex["options"][int(np.argmin(losses))]
+    # --prompt, and inputs from stdin
+    assert answers(capsys, common + ["--prompt", free[1][0]]) == [free[1]]
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(free[2][0] + "\n" + free[0][0] + "\n"))
+    assert answers(capsys, common) == [free[2], free[0]]
+
+
+def test_prefix_cache_round_trip(tmp_path, tok, capsys, monkeypatch):
+    out, ckpt, demos, d = task_files(tmp_path, tok)
+    cache = str(tmp_path / "t.prefix.safetensors")
+    common = ["--ckpt", str(out), "--demos", f"{d}/train.jsonl", "--queries", f"{d}/free.jsonl", "--max_new_tokens", "6",
+              "--device", "cpu", "--seq_len", "200", "--room", "40"]
+    embedded = counting_embeddings(monkeypatch)
+    plain = answers(capsys, common)
+    n_plain = sum(embedded)
+    first = answers(capsys, common + ["--cache", cache])  # encodes the prefix, writes the file
+    assert os.path.isfile(cache) and not os.path.exists(cache + ".tmp")
+    n_first = sum(embedded) - n_plain
+    second = answers(capsys, common + ["--cache", cache])  # reads it
+    n_second = sum(embedded) - n_plain - n_first
+    k_max = sample.choose_demos([encode_example(tok, e) for e in demos], "max", 200, 40)
+    prefix = pack(k_max, tok.bos_id)[0]
+    assert 0 < len(k_max) < len(demos) and plain == first == second
+    assert n_first == n_plain and n_first - n_second == len(prefix)  # the prefix was not encoded again
+    # made for other demonstrations, another model: refused, naming the file
+    with pytest.raises(ValueError, match=f"{cache}: a prefix cache made for other demonstrations"):
+        sample.main(common + ["--cache", cache, "--k", "2"])
+    other = tmp_path / "other"
+    os.makedirs(other)
+    shutil.copytree(out / "ckpt-000002", other / "ckpt-000002")
+    tiny_model(tok, seed=6, max_seq_len=512).save_pretrained(str(other / "ckpt-000002"))
+    with pytest.raises(ValueError, match=f"{cache}: a prefix cache made for another model"):
+        sample.main(common + ["--cache", cache, "--ckpt", str(other)])
+
+
+def test_sample_unreadable_checkpoint_is_a_message(tmp_path, tok):
+    import subprocess
+    import sys
+    out, ckpt, _, d = task_files(tmp_path, tok)
+    weights = ckpt / "consolidated.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    p = subprocess.run([sys.executable, "sample.py", "--ckpt", str(out), "--demos", f"{d}/train.jsonl", "--prompt", "x"],
+                       cwd=os.path.dirname(sample.__file__), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert f"{weights}: Error while deserializing header" in p.stderr and f"checkpoint {ckpt} cannot be read" in p.stderr
