@@ -5,13 +5,16 @@ checkpointing, dtype and SDPA settings as train.py, on random weights (no downlo
     python bench.py                                        # tiny preset on the CPU
     python bench.py --preset=mistral-7b --seq_len=32768    # one GPU, Mistral-7B-v0.3 shapes
     python bench.py --preset=mistral-7b --seq_len=8192 --sweep=True     # ablations, one run
+    python bench.py --preset=mistral-7b --seq_len=32768 --sweep=True --compile=True   # the same, compiled
+    python bench.py --preset=mistral-7b --seq_len=32768 --compile=True --activation_checkpointing=auto --memory_budget_gib=38
     python bench.py --preset=mistral-7b --prefix=32000 --steps=0        # eval shared-prefix cache
     python bench.py --data=True --steps=0                  # tokenize + pack throughput, one core
 
 FLOPs per token (N = matmul weights, d = n_heads * head_dim, L layers, T = seq_len; causal
 attention counted once, flash's backward recomputing the scores once more):
   model FLOPs (MFU), LoRA on a frozen base   4N + 6 L d T
-  hardware FLOPs (HFU), full checkpointing    6N + 9 L d T   (selective: 6N + 7 L d T, none: 4N + 7 L d T)
+  hardware FLOPs (HFU), full checkpointing    6N + 9 L d T   (selective: 6N + 7 L d T, none: 4N + 7 L d T;
+                                              a per-layer plan: each block's share of these)
 """
 import statistics
 import sys
@@ -22,8 +25,8 @@ import numpy as np
 import torch
 
 import model as model_module
-from lora import apply_lora
-from model import PRESETS, ModelArgs, Transformer, flops_per_token, sdpa_backend
+from lora import LoRALinear, apply_lora, merge_lora
+from model import PRESETS, ModelArgs, Transformer, estimate_peak, flops_per_token, sdpa_backend, training_memory
 from train import checkpointing_mode, parse_config, peak_flops
 
 
@@ -34,7 +37,9 @@ class BenchConfig:
     batch_size: int = 1
     lora_rank: int = 16                  # LoRA r16 on all seven linears, as the paper's setup
     lora_alpha: float = 32.0
-    activation_checkpointing: str = "full"
+    activation_checkpointing: str = "full"   # none | full | selective | auto (per block, fits memory_budget_gib)
+    memory_budget_gib: float = 0.0       # peak memory "auto" plans for; 0 = 90% of the GPU's
+    fused_lora: bool = False             # lora.py's fused path: one A matmul for wq/wk/wv and w1/w3, addmm
     sdpa_backend: str = "auto"
     compile: bool = False
     target_every: int = 40               # one supervised token in 40 (ManyICL answers are short)
@@ -69,16 +74,25 @@ def which_sdpa(model, device, dtype, backend):
     return ",".join(sorted(n.replace("aten::_scaled_dot_product_", "") for n in names)) or "?"
 
 
-def time_training(cfg, model, device, dtype, checkpointing=None, backend=None, full_logits=None, gqa=True):
-    """Median step time of forward + backward + AdamW on a (batch, seq_len) ManyICL-like batch."""
+def time_training(cfg, model, device, dtype, checkpointing=None, backend=None, full_logits=None, gqa=True, fused=None):
+    """Median step time of forward + backward + AdamW on a (batch, seq_len) ManyICL-like batch.
+    A model without trainable weights (the base without LoRA) still runs the whole backward pass:
+    the embeddings' output asks for a gradient, so every block computes its input gradients."""
     checkpointing = checkpointing or cfg.activation_checkpointing
     backend = backend or cfg.sdpa_backend
     full_logits = cfg.loss == "full_logits" if full_logits is None else full_logits
-    model.activation_checkpointing = checkpointing_mode(checkpointing)
+    model.activation_checkpointing = checkpointing_mode(checkpointing, model, cfg, dtype)
+    plan = model.checkpointing_plan()
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.fused = cfg.fused_lora if fused is None else fused
     has_gqa = model_module.SDPA_HAS_GQA
     model_module.SDPA_HAS_GQA = gqa and has_gqa  # False: the repeated-K/V fallback
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    fixed, estimate = training_memory(model, dtype)
+    est_peak = estimate_peak(model.args, cfg.seq_len, cfg.batch_size, plan, fixed, **estimate)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda") if params else None
+    hook = None if params else model.tok_embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_())
     forward = model.compile_blocks() if cfg.compile else model  # as train.py
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.args.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
@@ -98,32 +112,39 @@ def time_training(cfg, model, device, dtype, checkpointing=None, backend=None, f
                 else:
                     loss = forward(x, y)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step(); optimizer.zero_grad(set_to_none=True)
+        if optimizer:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)
     model_module.SDPA_HAS_GQA = has_gqa
+    if hook:
+        hook.remove()
     dt = statistics.median(times)
     tokens = cfg.batch_size * cfg.seq_len
     a = model.args
     n = flops_per_token(a, cfg.seq_len, lora=True) - 6 * a.n_layers * a.n_heads * a.head_dim * cfg.seq_len
     attn = a.n_layers * a.n_heads * a.head_dim * cfg.seq_len
-    hw = {"full": 6 * n / 4 + 9 * attn, "selective": 6 * n / 4 + 7 * attn, "none": n + 7 * attn}[checkpointing]
+    share = lambda *schemes: sum(s in schemes for s in plan) / len(plan)  # of the blocks
+    hw = n + 7 * attn + share("selective", "full") * n / 2 + share("full") * 2 * attn  # recomputed forward
     peak = peak_flops(device)
     return {"ms": dt * 1000, "tokens_per_s": tokens / dt,
             "mfu": flops_per_token(a, cfg.seq_len, lora=True) * tokens / dt / peak if peak else None,
             "hfu": hw * tokens / dt / peak if peak else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "est_gib": est_peak / 2**30, "plan": plan}
 
 
 def row(name, r):
     if isinstance(r, str):
         return f"{name:<42} {r}"
     fmt = lambda v, f: "-" if v is None else f.format(v)
+    plan = r["plan"]
+    mixed = "" if len(set(plan)) == 1 else "  plan: " + ", ".join(f"{plan.count(s)} {s}" for s in ("full", "selective", "none"))
     return (f"{name:<42} {r['ms']:>9.0f} ms {r['tokens_per_s']:>9.0f} tok/s  MFU {fmt(r['mfu'], '{:.1%}'):>6}"
-            f"  HFU {fmt(r['hfu'], '{:.1%}'):>6}  peak {fmt(r['peak_mem_gib'], '{:.1f}'):>5} GiB")
+            f"  HFU {fmt(r['hfu'], '{:.1%}'):>6}  peak {fmt(r['peak_mem_gib'], '{:.1f}'):>5} GiB (est. {r['est_gib']:.1f}){mixed}")
 
 
 def attempt(fn, *a, **kw):
@@ -206,12 +227,19 @@ def main(argv):
     print(row(name, attempt(time_training, cfg, model, device, dtype)))
     if cfg.sweep:
         variants = [("ckpt full", dict(checkpointing="full")), ("ckpt selective", dict(checkpointing="selective")),
-                    ("ckpt none", dict(checkpointing="none")), ("repeated K/V instead of enable_gqa", dict(gqa=False)),
-                    ("full-vocabulary logits loss", dict(full_logits=True))]
+                    ("ckpt none", dict(checkpointing="none")), ("ckpt auto (per block, fits the budget)", dict(checkpointing="auto")),
+                    ("repeated K/V instead of enable_gqa", dict(gqa=False)), ("full-vocabulary logits loss", dict(full_logits=True))]
+        if cfg.lora_rank:
+            variants += [("LoRA plain" if cfg.fused_lora else "LoRA fused (shared A, addmm)",
+                          dict(fused=not cfg.fused_lora))]
         if use_cuda:
             variants += [(f"sdpa {b}", dict(backend=b)) for b in ("flash", "cudnn", "efficient")]
         for name, kw in variants:
             print(row(name, attempt(time_training, cfg, model, device, dtype, **kw)))
+        if cfg.lora_rank:  # what the adapters cost: the same step on the frozen base, then fresh adapters again
+            merge_lora(model)
+            print(row("base model, no LoRA (input gradients only)", attempt(time_training, cfg, model, device, dtype)))
+            apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
         if not cfg.compile:
             cfg.compile = True
             print(row("torch.compile", attempt(time_training, cfg, model, device, dtype)))

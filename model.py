@@ -425,8 +425,8 @@ def plan_checkpointing(args, seq_len, batch, budget_bytes, fixed_bytes, **estima
     plans = [["full"] * (L - s - n) + ["selective"] * s + ["none"] * n for n in range(L + 1) for s in range(L + 1 - n)]
     fits = [p for p in plans if peak(p) <= budget_bytes]
     if not fits:
-        raise ValueError(f"activation checkpointing: even 'full' in every block needs ~{peak(['full'] * L) / 2**30:.1f} GiB "
-                         f"(estimated), more than the budget of {budget_bytes / 2**30:.1f} GiB")
+        raise ValueError(f"activation checkpointing: even 'full' in every block needs ~{peak(['full'] * L) / 2**30:.2f} GiB "
+                         f"(estimated), more than the budget of {budget_bytes / 2**30:.2f} GiB")
     return min(fits, key=lambda p: (sum(recompute[s] for s in p), peak(p)))
 
 

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import IGNORE, SuiteSampler, TrainSampler, Tokenizer, collate, encode_tasks, ensure_suite, load_tasks
-from model import PRESETS, ModelArgs, Transformer, flops_per_token, read_hf_config, read_params_json, sdpa_backend
+from model import (PRESETS, ModelArgs, Transformer, flops_per_token, plan_checkpointing, read_hf_config, read_params_json,
+                   sdpa_backend, training_memory)
 from lora import apply_lora, load_lora, save_lora
 
 
@@ -62,7 +63,8 @@ class TrainConfig:
     lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
     dtype: str = "auto"                # auto: bfloat16 on GPU, float32 on CPU
     compile: bool = False
-    activation_checkpointing: str = "none"  # none | full (each block) | selective (keep attention outputs)
+    activation_checkpointing: str = "none"  # none | full | selective (keep attention outputs) | auto (per block, to fit the budget)
+    memory_budget_gib: float = 0.0     # peak memory "auto" plans for; 0 = 90% of the GPU's (on the CPU: no checkpointing)
     sdpa_backend: str = "auto"         # auto | cudnn | flash | efficient | math (see bench.py)
     eval_interval: int = 50
     eval_sequences: int = 16
@@ -138,11 +140,25 @@ def convert(value, typ):
     return {"int": int, "float": float, "str": str}.get(typ, typ)(value)
 
 
-def checkpointing_mode(name):
-    modes = {"none": False, "full": True, "selective": "selective"}
-    if name not in modes:
-        raise ValueError(f"activation_checkpointing must be none, full or selective; got '{name}'")
-    return modes[name]
+def checkpointing_mode(name, model=None, cfg=None, dtype=torch.float32):
+    """model.activation_checkpointing for a config name. "auto" (given the model): the per-block
+    plan that recomputes least while its estimated peak (model.estimate_peak) fits
+    cfg.memory_budget_gib, or with none set 90% of the GPU memory this process holds or could take
+    (the estimate is rough: the 10% is its margin). On the CPU with no budget "auto" is "none":
+    torch cannot see host memory, and CPU runs are small."""
+    if name not in ("none", "full", "selective", "auto"):
+        raise ValueError(f"activation_checkpointing must be none, full, selective or auto; got '{name}'")
+    if name != "auto" or model is None:
+        return name
+    device = next(model.parameters()).device
+    if cfg.memory_budget_gib:
+        budget = cfg.memory_budget_gib * 2**30
+    elif device.type == "cuda":
+        budget = 0.9 * (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device))
+    else:
+        return "none"
+    fixed, estimate = training_memory(model, dtype)
+    return plan_checkpointing(model.args, cfg.seq_len, cfg.batch_size, budget, fixed, **estimate)
 
 
 def lr_at(step, cfg):
@@ -304,7 +320,10 @@ def main(argv):
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
         if resume:
             load_lora(model, os.path.join(resume, "lora.safetensors"))
-    model.activation_checkpointing = checkpointing_mode(cfg.activation_checkpointing)
+    model.activation_checkpointing = checkpointing_mode(cfg.activation_checkpointing, model, cfg, dtype)
+    if cfg.activation_checkpointing == "auto":
+        plan = model.checkpointing_plan()
+        print0("activation checkpointing (auto): " + ", ".join(f"{plan.count(s)} {s}" for s in ("full", "selective", "none")))
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable")
