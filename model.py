@@ -163,23 +163,43 @@ def cached_attention(q, k, v, mask=None):
     (T, S) mask would drop SDPA off its fast kernels and cost, at a 32K prefix, more than the
     prefix's own attention, so the two parts are attended separately: the prefix with no mask
     (the H // Hkv query heads of a KV head stacked as rows: GQA without copying K/V), the masked
-    rest explicitly in fp32 (small), and the two merged by their log-sum-exps, which is exactly
+    rest by masked_attention_lse, and the two merged by their log-sum-exps, which is exactly
     softmax attention over the union."""
     B, H, T, D = q.shape
     S, M = k.shape[2], 0 if mask is None else mask.shape[-1]
+    parts = []
     if S > M:
         y, lse = attention_lse(q.reshape(B, k.shape[1], -1, D), k[:, :, :S - M], v[:, :, :S - M])
-        y, lse = y.reshape(B, H, T, D).float(), lse.reshape(B, H, T, 1).float()
-        if mask is None:
-            return y.type_as(q)
-    k2, v2 = repeat_kv(k[:, :, S - M:].float(), v[:, :, S - M:].float(), H)
-    s = (q.float() @ k2.transpose(-1, -2) * D ** -0.5).masked_fill(~mask, float("-inf"))
-    lse2 = s.logsumexp(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)  # a row with all masked: 0, not nan
-    y2 = (s - lse2).exp() @ v2
-    if S == M:
-        return y2.type_as(q)
-    total = torch.logaddexp(lse, lse2)
-    return (y * (lse - total).exp() + y2 * (lse2 - total).exp()).type_as(q)
+        parts.append((y.reshape(B, H, T, D).float(), lse.reshape(B, H, T, 1).float()))
+    if M:
+        parts.append(masked_attention_lse(q, k[:, :, S - M:], v[:, :, S - M:], mask))
+    if len(parts) == 1:
+        return parts[0][0].type_as(q)
+    (y1, lse1), (y2, lse2) = parts
+    total = torch.logaddexp(lse1, lse2)
+    return (y1 * (lse1 - total).exp() + y2 * (lse2 - total).exp()).type_as(q)
+
+
+def masked_attention_lse(q, k, v, mask, rows=256):
+    """Attention of q (B, H, T, hd) to k, v (B, Hkv, M, hd) under a (T, M) mask, with its
+    log-sum-exp (B, H, T, 1), in fp32: a block of rows at a time, against only the span of columns
+    that block's mask touches. Queries packed after a prefix see a few keys of their own segment,
+    so this is a small part of the dense (T, M) scores (1/16 for 64-token segments in 2048)."""
+    B, H, T, D = q.shape
+    M = mask.shape[-1]
+    k, v = repeat_kv(k.float(), v.float(), H)
+    seen = torch.cat([mask, mask.new_zeros(-T % rows, M)]).view(-1, rows, M).any(1)  # (blocks, M)
+    spans = torch.stack([seen.int().argmax(-1), M - seen.flip(-1).int().argmax(-1)], 1).tolist()
+    ys, lses = [], []
+    for r, (a, b) in zip(range(0, T, rows), spans):
+        s = q[:, :, r:r + rows].float() @ k[:, :, a:b].transpose(-1, -2) * D ** -0.5
+        s.masked_fill_(~mask[r:r + rows, a:b], float("-inf"))
+        top = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)  # a row all masked: no nan
+        p = (s - top).exp_()
+        total = p.sum(-1, keepdim=True)
+        ys.append(p @ v[:, :, a:b] / total.clamp_min(1e-30))
+        lses.append(top + total.log())
+    return torch.cat(ys, 2), torch.cat(lses, 2)
 
 
 def attention_lse(q, k, v):

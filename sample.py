@@ -27,6 +27,7 @@ Rewinding cache.length to the prefix discards them (`score_options`, `generate`)
 import argparse
 import copy
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -339,10 +340,11 @@ def load_prefix(cache, path, ident, prefix):
 
 
 def choose_demos(pool, k, seq_len, room):
-    """The first k examples, or (k='max') as many as fit leaving room tokens of the context free."""
+    """The first k examples, or (k='max') as many as fit leaving room tokens of the context free.
+    The pool may be a generator: examples past those are never tokenized."""
     room = room if k == "max" else 1  # a given k: whatever is left, each query is checked as it comes
     demos, length = [], 1  # <s>
-    for ex in pool[:None if k == "max" else k]:
+    for ex in itertools.islice(pool, None if k == "max" else k):
         cost = len(ex.first_input if not demos else ex.input) + len(ex.answer)
         if length + cost + room > seq_len:
             if k == "max":
@@ -351,7 +353,7 @@ def choose_demos(pool, k, seq_len, room):
         demos.append(ex)
         length += cost
     if k != "max" and len(demos) < k:
-        raise ValueError(f"k={k} is more than the {len(pool)} demonstrations there are")
+        raise ValueError(f"k={k}: there are only {len(demos)} demonstrations")
     return demos
 
 
@@ -426,7 +428,7 @@ def main(argv=None):
     _, model, tok, config = load_models(a.ckpt, a.device, dtype, base=False)
     seq_len = a.seq_len or config["seq_len"]
     model.check_length(seq_len)  # the model's max_seq_len
-    pool = [data.encode_example(tok, ex) for ex in data.read_examples(a.demos)]
+    pool = (data.encode_example(tok, ex) for ex in data.read_examples(a.demos))
     demos = choose_demos(pool, a.k, seq_len, a.room)
     prefix = data.pack(demos, tok.bos_id)[0]  # the same function as training
     cache = new_cache(model, seq_len)

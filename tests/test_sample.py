@@ -111,6 +111,25 @@ def test_two_part_attention_equals_one_masked_softmax(dtype):
         assert (got.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2), M
 
 
+def test_masked_part_in_blocks_of_rows():
+    """masked_attention_lse takes a block of rows at a time against only the columns its mask
+    touches: packed segments (block-diagonal, causal), a row with nothing visible, blocks of 4."""
+    from model import masked_attention_lse, repeat_kv
+    g = torch.Generator().manual_seed(1)
+    H, T, D = 4, 30, 8
+    q, k, v = torch.randn(1, H, T, D, generator=g), torch.randn(1, 2, T, D, generator=g), torch.randn(1, 2, T, D, generator=g)
+    seg = torch.arange(T) // 7
+    mask = (seg[:, None] == seg[None, :]).tril()
+    mask[9] = False
+    s = (q @ repeat_kv(k, v, H)[0].transpose(-1, -2) * D ** -0.5).masked_fill(~mask, float("-inf"))
+    for rows in (4, 256):
+        y, lse = masked_attention_lse(q, k, v, mask, rows)
+        keep = torch.arange(T) != 9
+        assert torch.allclose(lse[0, :, keep, 0], s.logsumexp(-1)[0, :, keep], atol=1e-5)
+        assert torch.allclose(y[:, :, keep], (s.softmax(-1) @ repeat_kv(k, v, H)[1])[:, :, keep], atol=1e-5)
+        assert (y[:, :, 9] == 0).all() and (lse[:, :, 9] == float("-inf")).all()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_clear_errors(tmp_path, tok):
