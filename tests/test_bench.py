@@ -11,3 +11,4 @@ def test_bench_runs_on_cpu():
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "tok/s" in p.stdout and "eval prefix 48 tokens" in p.stdout and "max score diff" in p.stdout
+    assert "prefix cache file (" in p.stdout

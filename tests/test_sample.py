@@ -92,10 +92,12 @@ def test_whole_prompt_as_prefix_with_an_empty_input(tok):
     assert got == naive_generate(model, prompt, -1, -1, 6) and len(got) == 6
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_part_attention_equals_one_masked_softmax(dtype):
+def test_two_part_attention_equals_one_masked_softmax(dtype, device):
     """model.cached_attention (prefix unmasked, the rest masked, merged by log-sum-exp) against
-    one SDPA call over all keys with the equivalent dense mask."""
+    one SDPA call over all keys with the equivalent dense mask. On a GPU this checks the fused
+    kernels' log-sum-exp (flash in bf16, mem-efficient in fp32)."""
     from model import cached_attention, repeat_kv
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, T, D, S = 1, 4, 2, 7, 16, 50
@@ -106,7 +108,7 @@ def test_two_part_attention_equals_one_masked_softmax(dtype):
         mask = (torch.rand(T, M, generator=g) > 0.5) | torch.ones(T, M, dtype=torch.bool).tril(M - T) if M else None
         dense = torch.cat([torch.ones(T, S - M, dtype=torch.bool), mask], 1) if M else None
         ref = torch.nn.functional.scaled_dot_product_attention(q.double(), *repeat_kv(k.double(), v.double(), H), attn_mask=dense)
-        got = cached_attention(q, k, v, mask)
+        got = cached_attention(q.to(device), k.to(device), v.to(device), None if mask is None else mask.to(device)).cpu()
         assert got.dtype == dtype and got.shape == ref.shape
         assert (got.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2), M
 
