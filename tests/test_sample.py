@@ -236,7 +236,7 @@ def task_files(tmp_path, tok):
 
 def answers(capsys, argv):
     sample.main(argv)
-    return [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    return [line.split("\t") for line in capsys.readouterr().out.split("\n")[:-1]]  # not splitlines: answers may hold \x1c
 
 
 def counting_embeddings(monkeypatch):
@@ -301,6 +301,28 @@ def test_prefix_cache_round_trip(tmp_path, tok, capsys, monkeypatch):
         sample.main(common + ["--cache", cache, "--ckpt", str(other)])
 
 
+def test_sample_with_a_lora_adapter_on_an_hf_layout_base(tmp_path, tok, capsys):
+    from lora import apply_lora, save_lora
+    from test_model import write_hf
+    base = random_model(tok, seed=3)
+    write_hf(base, str(tmp_path / "base_hf"))
+    tuned = apply_lora(base, 4, 8, targets=["wq", "w2"])
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ckpt = tmp_path / "lora_out" / "ckpt-000001"
+    save_lora(tuned, str(ckpt / "lora.safetensors"))
+    write_ckpt(ckpt, tok, dict(init=str(tmp_path / "base_hf"), seed=0, seq_len=128, lora_rank=4, lora_alpha=8,
+                               lora_dropout=0.0, lora_targets=["wq", "w2"]))
+    _, _, demos, d = task_files(tmp_path, tok)
+    got = answers(capsys, ["--ckpt", str(tmp_path / "lora_out"), "--demos", f"{d}/train.jsonl", "--k", "3",
+                           "--prompt", "the cat", "--max_new_tokens", "5", "--device", "cpu"])
+    prompt = pack([encode_example(tok, e) for e in demos[:3]], tok.bos_id)[0] + encode_example(tok, dict(input="the cat", output="")).input
+    ref = naive_generate(tuned.eval(), prompt, tok.newline_id, tok.eos_id, 5)
+    assert got == [["the cat", tok.decode(ref).strip().replace("\n", " ")]]
+
+
 def test_sample_unreadable_checkpoint_is_a_message(tmp_path, tok):
     import subprocess
     import sys
@@ -311,3 +333,6 @@ def test_sample_unreadable_checkpoint_is_a_message(tmp_path, tok):
                        cwd=os.path.dirname(sample.__file__), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert f"{weights}: Error while deserializing header" in p.stderr and f"checkpoint {ckpt} cannot be read" in p.stderr
+    import eval as ev  # eval.py loads checkpoints with the same function: the same message
+    with pytest.raises(ValueError, match=f"checkpoint {ckpt} cannot be read"):
+        ev.main(["--ckpt", str(out), "--device", "cpu"])
