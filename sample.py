@@ -369,8 +369,11 @@ def read_queries(a):
                         q = json.loads(line)
                     except json.JSONDecodeError:
                         q = None
-                    if not isinstance(q, dict) or not isinstance(q.get("input"), str):
-                        raise ValueError(f"{a.queries}:{n}: expected a JSON object with an 'input' string")
+                    options = (q.get("options") or []) if isinstance(q, dict) else None
+                    if not (isinstance(q, dict) and isinstance(q.get("input"), str) and isinstance(options, list)
+                            and all(isinstance(o, str) for o in options)):
+                        raise ValueError(f"{a.queries}:{n}: expected a JSON object with an 'input' string "
+                                         f"and maybe 'options', a list of strings")
                     yield q
     else:
         if sys.stdin.isatty():
