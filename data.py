@@ -123,6 +123,9 @@ class Tokenizer:
         self._newline_prefix = self.sp.encode("\n")  # e.g. ['▁', '<0x0A>'] for Mistral's v3
         self.newline_id = self._newline_prefix[-1]
 
+    def __reduce__(self):  # pickled as its file (for Prefetcher's worker processes)
+        return Tokenizer, (self.path,)
+
     def encode(self, text, bos=False, eos=False):
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
@@ -190,15 +193,37 @@ def targets_for(tokens, spans, mask):
     return targets
 
 
-def build_sequence(examples, tokenizer, max_len, mask="all", seed=0, max_shots=None, bos_id=None):
-    """One task's examples (raw dicts or `Encoded`), shuffled by `seed`, packed until the next
-    one would not fit in `max_len` (at most `max_shots`). No example is split or repeated.
-    Returns (tokens, targets): equal-length int64 arrays, targets shifted (see targets_for)."""
+def shot_order(examples, rng, shots="random"):
+    """The order in which a task's examples become shots. "random": a permutation. "stratified"
+    (option tasks): round-robin over the labels, so every stretch of shots shows each label
+    about equally often, whatever their frequency in the pool; free-form tasks stay random."""
+    order = rng.permutation(len(examples))
+    if shots == "random":
+        return order
+    if shots != "stratified":
+        raise ValueError(f"shots must be 'random' or 'stratified', got {shots!r}")
+    answer = lambda ex: tuple(ex.answer) if isinstance(ex, Encoded) else ex["output"]
+    has_options = lambda ex: bool(ex.options if isinstance(ex, Encoded) else ex.get("options"))
+    if not all(has_options(examples[i]) for i in order):
+        return order
+    by_label = {}
+    for i in order:  # each label's examples, in the permutation's order
+        by_label.setdefault(answer(examples[i]), []).append(i)
+    queues, out = list(by_label.values()), []
+    for r in range(max(map(len, queues))):  # one round: one example of each label, in a fresh order,
+        out += [queues[j][r] for j in rng.permutation(len(queues)) if r < len(queues[j])]  # so no period to learn
+    return np.array(out, dtype=np.int64)
+
+
+def build_sequence(examples, tokenizer, max_len, mask="all", seed=0, max_shots=None, bos_id=None, shots="random"):
+    """One task's examples (raw dicts or `Encoded`), ordered by `seed` (see shot_order), packed
+    until the next one would not fit in `max_len` (at most `max_shots`). No example is split or
+    repeated. Returns (tokens, targets): equal-length int64 arrays, targets shifted (targets_for)."""
     if mask not in ("all", "last", "none"):
         raise ValueError(f"mask must be 'all', 'last' or 'none', got {mask!r}")
     bos_id = tokenizer.bos_id if bos_id is None else bos_id
     chosen, length = [], 1
-    for i in np.random.default_rng(seed).permutation(len(examples)):
+    for i in shot_order(examples, np.random.default_rng(seed), shots):
         ex = examples[i] if isinstance(examples[i], Encoded) else encode_example(tokenizer, examples[i])
         cost = len(ex.first_input if not chosen else ex.input) + len(ex.answer)
         if length + cost > max_len or (max_shots is not None and len(chosen) == max_shots):
@@ -219,8 +244,9 @@ class TrainSampler:
     Tasks are drawn with probability proportional to size**(1/temperature): temperature=inf is
     uniform over tasks (the default), 1 proportional to size."""
 
-    def __init__(self, encoded_tasks, bos_id, max_len, mask="all", seed=0, temperature=float("inf"), max_shots=None):
-        self.tasks, self.names = encoded_tasks, sorted(encoded_tasks)
+    def __init__(self, encoded_tasks, bos_id, max_len, mask="all", seed=0, temperature=float("inf"), max_shots=None,
+                 shots="random"):
+        self.tasks, self.names, self.shots = encoded_tasks, sorted(encoded_tasks), shots
         sizes = np.array([len(encoded_tasks[n]) for n in self.names], dtype=np.float64)
         weights = sizes ** (0.0 if temperature == float("inf") else 1.0 / temperature)
         self.probs = weights / weights.sum()
@@ -230,7 +256,7 @@ class TrainSampler:
         rng = np.random.default_rng([self.seed, step, index])
         task = self.names[rng.choice(len(self.names), p=self.probs)]
         return build_sequence(self.tasks[task], None, self.max_len, self.mask, seed=int(rng.integers(2**31)),
-                              max_shots=self.max_shots, bos_id=self.bos_id)
+                              max_shots=self.max_shots, bos_id=self.bos_id, shots=self.shots)
 
 
 def collate(sequences, pad_to=None):
@@ -243,6 +269,46 @@ def collate(sequences, pad_to=None):
     for i, (tok, tgt) in enumerate(sequences):
         tokens[i, : len(tok)], targets[i, : len(tgt)] = torch.as_tensor(tok), torch.as_tensor(tgt)
     return tokens, targets
+
+
+class Prefetcher:
+    """Makes the sequences of the coming steps in background processes while the model trains
+    (generating suite tasks in the loop stalls a GPU). Each sequence is still
+    sampler.sequence(step, index): a pure function of (seed, step, index), so a resumed or
+    multi-GPU run sees exactly the data of a straight single-process one. workers=0: no
+    processes, sequences made on demand."""
+
+    def __init__(self, sampler, workers=0, ahead=2):
+        self.sampler, self.ahead, self.pending = sampler, ahead, {}
+        self.pool = None
+        if workers > 0:  # "spawn": safe beside CUDA; the sampler is pickled once per worker
+            import concurrent.futures, multiprocessing
+            self.pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                                               initializer=_set_worker_sampler, initargs=(sampler,))
+
+    def get(self, step, indices):
+        """The sequences (step, i) for i in indices; queues the same indices of the next steps."""
+        if self.pool is None:
+            return [self.sampler.sequence(step, i) for i in indices]
+        for s in range(step, step + self.ahead + 1):
+            if s not in self.pending:
+                self.pending[s] = [self.pool.submit(_worker_sequence, s, i) for i in indices]
+        for s in [s for s in self.pending if s < step]:  # not asked for (e.g. an earlier stop)
+            del self.pending[s]
+        return [f.result() for f in self.pending.pop(step)]
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _set_worker_sampler(sampler):
+    global _worker_sampler
+    _worker_sampler = sampler
+
+
+def _worker_sequence(step, index):
+    return _worker_sampler.sequence(step, index)
 
 
 # ----------------------------------------------------------------------------- built-in suite
@@ -298,10 +364,14 @@ def suite_instance(family, rng):
         op = rng.choice(["reverse", "upper", "double", "first3"])
         return pick_word, {"reverse": lambda w: w[::-1], "upper": str.upper,
                            "double": lambda w: w + w, "first3": lambda w: w[:3]}[op], []
-    if family == "lookup":              # a hidden code book
+    if family == "lookup":              # a hidden code book: 3-letter codes -> nonce words
         codes = list(dict.fromkeys("".join(rng.choice(list(letters), 3)) for _ in range(8)))
-        book = dict(zip(codes, rng.choice(ALL_WORDS, size=len(codes), replace=False)))
+        book = {c: nonce_word(rng) for c in codes}  # English-word answers were never learned (measured)
         return lambda r: codes[int(r.integers(len(codes)))], book.get, []
+    if family == "number_name":         # a hidden dictionary from numbers to nonce words
+        numbers = [str(n) for n in rng.choice(100, size=8, replace=False)]
+        names = {n: nonce_word(rng) for n in numbers}
+        return lambda r: numbers[int(r.integers(len(numbers)))], names.get, []
     if family == "add_const":           # add a hidden constant
         c = int(rng.integers(1, 20))
         return pick_number, lambda n: str(int(n) + c), []
@@ -322,7 +392,9 @@ def suite_instance(family, rng):
     raise ValueError(f"unknown suite family {family!r}")
 
 
-HELD_IN = ["category_label", "contains_letter", "parity", "compare", "caesar", "string_op", "lookup", "add_const"]
+SUITE_VERSION = "v3"  # bump when the generated suite changes, so stale copies are rewritten
+HELD_IN = ["category_label", "contains_letter", "parity", "compare", "caesar", "string_op", "lookup", "add_const",
+           "number_name"]
 HELD_OUT = ["length_threshold", "first_letter", "translate", "suffix"]
 
 
@@ -332,17 +404,17 @@ class SuiteSampler:
     cannot memorise rules (it memorised even 400 fixed instances before learning to read its
     context), so the only way to lower the loss is in-context learning."""
 
-    def __init__(self, tokenizer, max_len, mask="all", seed=0, max_shots=None, families=HELD_IN):
+    def __init__(self, tokenizer, max_len, mask="all", seed=0, max_shots=None, families=HELD_IN, shots="random"):
         self.tok, self.max_len, self.mask, self.seed, self.max_shots = tokenizer, max_len, mask, seed, max_shots
-        self.families = list(families)
+        self.families, self.shots = list(families), shots
 
     def sequence(self, step, index):
         rng = np.random.default_rng([self.seed, step, index])
-        draw, rule, _ = suite_instance(self.families[rng.integers(len(self.families))], rng)
+        draw, rule, options = suite_instance(self.families[rng.integers(len(self.families))], rng)
         inputs = [str(draw(rng)) for _ in range(self.max_len // 4)]  # more than fit: >= 4 tokens each
-        examples = [dict(input=x, output=rule(x)) for x in inputs]
+        examples = [dict(input=x, output=rule(x), options=options) for x in inputs]
         return build_sequence(examples, self.tok, self.max_len, self.mask, seed=int(rng.integers(2**31)),
-                              max_shots=self.max_shots)
+                              max_shots=self.max_shots, shots=self.shots)
 
 
 def write_jsonl(path, rows):
@@ -375,25 +447,57 @@ def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 40
                 else:
                     write_jsonl(os.path.join(out_dir, "eval", task, "train.jsonl"), rows[:n_ex])
                     write_jsonl(os.path.join(out_dir, "eval", task, "test.jsonl"), rows[n_ex:])
-    # generic text: a file to score perplexity on, and the same kind of text as a "task" of
-    # sentence pairs for language-model pre-training with mask="none"
-    for name, n in (("generic_test.txt", 1000), ("generic_train.txt", 6000)):
-        lines = [generic_sentence(rng) for _ in range(n)]
-        open(os.path.join(out_dir, name), "w").write("\n".join(lines) + "\n")
-        text += lines[:500]
+    # generic text: a file to score perplexity on (stories never trained on), and stories as a
+    # "task" of (first half, second half) pairs for pre-training from files with mask="none"
+    for name, n in (("generic_test.txt", 60), ("generic_train.txt", 400)):
+        docs = [generic_document(rng) for _ in range(n)]
+        open(os.path.join(out_dir, name), "w").write("\n\n".join(docs) + "\n")
+        text += docs[:40]
+    halves = [d.split("\n") for d in docs]
     write_jsonl(os.path.join(out_dir, "generic", "train.jsonl"),
-                [dict(task="generic", input=a, output=b, options=[]) for a, b in zip(lines[::2], lines[1::2])])
+                [dict(task="generic", input="\n".join(h[:20]), output="\n".join(h[20:]), options=[]) for h in halves])
     train_tokenizer(text, os.path.join(out_dir, "tokenizer"))
-    open(os.path.join(out_dir, "DONE"), "w").write(str(seed))
+    open(os.path.join(out_dir, "DONE"), "w").write(f"{SUITE_VERSION} {seed}")
     return out_dir
 
 
-def generic_sentence(rng):
-    """'Generic text' for the forgetting experiment: simple English-like sentences."""
-    subj = rng.choice(WORDS["animal"]); obj = rng.choice(WORDS["fruit"] + WORDS["tool"])
-    verb = rng.choice(["found", "ate", "saw", "carried", "dropped", "wanted", "hid"])
-    place = rng.choice(WORDS["place"]); color = rng.choice(WORDS["color"])
-    return f"the {color} {subj} {verb} a {obj} near the {place}."
+def generic_document(rng, n_lines=40):
+    """'Generic text' for language-model pre-training and the forgetting check: a short story
+    about a few characters with nonce names. Who is which animal, of which colour, from where, is
+    said once; then the story's events recur in any order, as refrains do in children's stories.
+    Much of a story is thus predictable only from earlier in it: perplexity falls with context
+    length, and a model learns to copy from its context (what in-context learning builds on)."""
+    cast = [dict(name=nonce_word(rng), animal=a, color=rng.choice(WORDS["color"]), home=rng.choice(WORDS["place"]),
+                 thing=rng.choice(WORDS["fruit"] + WORDS["tool"]))
+            for a in rng.choice(WORDS["animal"], size=int(rng.integers(3, 6)), replace=False)]
+    intro = [f"{c['name']} is a {c['color']} {c['animal']} from the {c['home']}." for c in cast]
+    verbs = ["found", "ate", "saw", "carried", "dropped", "wanted", "hid", "gave", "took", "liked"]
+    pick = lambda key: rng.choice(WORDS[key])
+    events = []
+    for _ in range(int(rng.integers(4, 8))):  # each event recurs several times, in any order
+        c, d = (cast[i] for i in rng.choice(len(cast), size=2, replace=False))
+        events.append([f"the {c['animal']} {c['name']} {rng.choice(verbs)} the {pick('color')} {pick('tool')} near the {pick('place')}.",
+                       f"{c['name']} the {c['color']} {c['animal']} went home to the {c['home']} with a {pick('fruit')}.",
+                       f"then {c['name']} met {d['name']} the {d['animal']} near the {pick('place')}.",
+                       f"{d['name']} gave {c['name']} a {pick('color')} {pick('fruit')} and a {pick('tool')}."][int(rng.integers(4))])
+    return "\n".join(intro + [events[i] for i in rng.integers(len(events), size=n_lines - len(intro))])
+
+
+class GenericSampler:
+    """Language-model pre-training on generic text: every sequence is fresh stories, packed
+    back to back ("\n\n" between them) and cut at max_len, every next token a target.
+    Like SuiteSampler, a pure function of (seed, step, index)."""
+
+    def __init__(self, tokenizer, max_len, seed=0):
+        self.tok, self.max_len, self.seed = tokenizer, max_len, seed
+
+    def sequence(self, step, index):
+        rng = np.random.default_rng([self.seed, step, index, 7])
+        tokens = [self.tok.bos_id] + self.tok.encode(generic_document(rng))
+        while len(tokens) < self.max_len:
+            tokens += self.tok.encode_continuation(EXAMPLE_SEPARATOR + generic_document(rng))
+        tokens = tokens[: self.max_len]
+        return np.asarray(tokens, dtype=np.int64), targets_for(tokens, [], "none")
 
 
 def train_tokenizer(lines, prefix, vocab_size=1024):
@@ -409,8 +513,10 @@ def train_tokenizer(lines, prefix, vocab_size=1024):
 
 
 def ensure_suite(out_dir=SUITE_DIR):
-    """Generate the suite once; later calls reuse it (it takes a few seconds)."""
-    if not os.path.isfile(os.path.join(out_dir, "DONE")):
+    """Generate the suite once; later calls reuse it (it takes a few seconds). A suite written
+    by an older version of this file is written again."""
+    done = os.path.join(out_dir, "DONE")
+    if not os.path.isfile(done) or open(done).read().split()[0] != SUITE_VERSION:
         make_suite(out_dir)
     return out_dir
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import IGNORE, SuiteSampler, TrainSampler, Tokenizer, collate, encode_tasks, ensure_suite, load_tasks
+from data import HELD_IN, IGNORE, GenericSampler, Prefetcher, SuiteSampler, TrainSampler, Tokenizer, collate, encode_tasks, ensure_suite, load_tasks
 from model import (PRESETS, ModelArgs, Transformer, flops_per_token, plan_checkpointing, read_hf_config, read_params_json,
                    sdpa_backend, training_memory)
 from lora import apply_lora, load_lora, save_lora
@@ -39,7 +39,9 @@ from lora import apply_lora, load_lora, save_lora
 class TrainConfig:
     init: str = "scratch"              # "scratch" (fresh model of `preset`) or a checkpoint directory
     preset: str = "tiny"               # model shape when init=scratch
-    data: str = "suite"                # "suite": a fresh built-in task per sequence; or MetaICL JSONL files/folders
+    data: str = "suite"                # "suite": a fresh built-in task per sequence; "generic": stories for LM
+                                       # pre-training (every token a target); or MetaICL JSONL files/folders
+    families: str = ""                 # suite families to train on, comma-separated ("" = data.HELD_IN)
     eval_data: str = "data/suite/eval" # held-out tasks for the validation loss ("" = none)
     tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
     out_dir: str = "out"
@@ -56,6 +58,8 @@ class TrainConfig:
     seed: int = 1337
     loss_mask: str = "all"             # all (ManyICL) | last (MetaICL) | none (language modelling)
     max_shots: int = 0                 # examples per sequence; 0 = as many as fit (ManyICL)
+    shots: str = "random"              # order of the shots: random | stratified (labels balanced round-robin)
+    workers: int = 0                   # background processes making the next steps' sequences (0 = in the loop)
     task_temperature: float = math.inf # task sampling ∝ size**(1/T); inf = uniform over tasks
     lora_rank: int = 0                 # 0 = train every weight (the right thing for a random model)
     lora_alpha: float = 32.0
@@ -262,6 +266,8 @@ def main(argv):
         raise ValueError(f"grad_accum={cfg.grad_accum} (total micro-steps) is not divisible by world size {world}")
     if cfg.loss_mask not in ("all", "last", "none"):
         raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
+    if cfg.shots not in ("random", "stratified"):
+        raise ValueError(f"shots must be random or stratified; got '{cfg.shots}'")
     micro_steps = cfg.grad_accum // world
     sdpa_backend(cfg.sdpa_backend), checkpointing_mode(cfg.activation_checkpointing)  # validate names
     tok = Tokenizer(tokenizer_path(cfg))
@@ -270,21 +276,26 @@ def main(argv):
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
     if tok.vocab_size > args.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces, the model only {args.vocab_size}")
-    shots = cfg.max_shots or None
+    max_shots = cfg.max_shots or None
     if cfg.data == "suite" or cfg.eval_data == TrainConfig.eval_data:
         ensure_suite()  # generated once, a few seconds
     if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (data.SuiteSampler)
-        sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, shots)
+        families = cfg.families.split(",") if cfg.families else HELD_IN
+        sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, max_shots, families, cfg.shots)
         about_data = "built-in suite: a fresh task instance per sequence"
+    elif cfg.data == "generic":  # language-model pre-training on fresh generic stories
+        sampler = GenericSampler(tok, cfg.seq_len, cfg.seed)
+        about_data = "generic text: fresh stories, every token a target"
     else:
         train_tasks, skipped = encode_tasks(load_tasks(cfg.data.split(","), split="train"), tok, cfg.seq_len)
-        sampler = TrainSampler(train_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed, cfg.task_temperature, shots)
+        sampler = TrainSampler(train_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed, cfg.task_temperature,
+                               max_shots, cfg.shots)
         about_data = (f"{len(train_tasks)} training tasks, {sum(map(len, train_tasks.values()))} examples "
                       f"({skipped} skipped: longer than seq_len={cfg.seq_len})")
     val_sampler = None
     if cfg.eval_data:
         val_tasks, _ = encode_tasks(load_tasks(cfg.eval_data.split(","), split="train"), tok, cfg.seq_len)
-        val_sampler = TrainSampler(val_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed + 1, math.inf, shots)
+        val_sampler = TrainSampler(val_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed + 1, math.inf, max_shots)
     print0(f"{about_data}; world size {world}, "
            f"{micro_steps} micro-steps x {cfg.batch_size} sequences per rank, global batch {cfg.batch_size * cfg.grad_accum}")
 
@@ -400,6 +411,7 @@ def main(argv):
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None  # one JSON object per step
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    prefetcher = Prefetcher(sampler, cfg.workers)
     model.train()
     while step < cfg.max_steps:
         t0 = time.time()
@@ -409,8 +421,9 @@ def main(argv):
             group["lr"] = lr
         # this rank's micro-batches; global index = (micro * world + rank) * batch_size + b,
         # so the global batch is the same whatever the world size
-        sequences = [[sampler.sequence(step, (m * world + rank) * cfg.batch_size + b) for b in range(cfg.batch_size)]
-                     for m in range(micro_steps)]
+        mine = [(m * world + rank) * cfg.batch_size + b for m in range(micro_steps) for b in range(cfg.batch_size)]
+        made = prefetcher.get(step, mine)  # sampler.sequence(step, i) for each, made ahead by workers
+        sequences = [made[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(micro_steps)]
         pad_to = cfg.seq_len if cfg.compile else None  # fixed shapes: a compiled model never recompiles
         batches = [collate(seqs, pad_to) for seqs in sequences]
         local_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
@@ -458,6 +471,7 @@ def main(argv):
             print0(f"signal received: checkpoint written at step {step}, exiting")
             break
     bar.close()
+    prefetcher.close()
     if ddp:
         dist.destroy_process_group()
 

@@ -187,3 +187,48 @@ def test_suite_sampler_draws_a_fresh_hidden_rule_per_sequence(tok):
     assert len(constants) >= 4  # ... and a new one for (nearly) every sequence
     one_shot = SuiteSampler(tok, 200, "all", seed=3, max_shots=1).sequence(0, 0)
     assert tok.decode(one_shot[0].tolist()).count("\n") == 2
+
+
+def test_stratified_shots_balance_labels_without_a_period(tok):
+    from data import shot_order
+    pool = [{"input": str(i), "output": "a" if i % 10 else "b", "options": ["a", "b"]} for i in range(100)]  # 90/10
+    rng = np.random.default_rng
+    assert shot_order(pool, rng(4)).tolist() == rng(4).permutation(100).tolist()  # "random": as before
+    order = shot_order(pool, rng(4), "stratified")
+    assert sorted(order.tolist()) == list(range(100))  # every example once
+    first = [pool[i]["output"] for i in order[:20]]
+    assert first.count("a") == first.count("b") == 10  # balanced while both labels last
+    starts = [first[r * 2] for r in range(10)]
+    assert len(set(starts)) == 2  # the label order changes from round to round: no A B A B period
+    free = [dict(ex, options=[]) for ex in pool]
+    assert shot_order(free, rng(4), "stratified").tolist() == rng(4).permutation(100).tolist()  # free-form: random
+    with pytest.raises(ValueError, match="shots"):
+        shot_order(pool, rng(4), "balanced")
+    tokens, _ = build_sequence(pool, tok, 120, seed=1, shots="stratified")  # fewer than 20 shots fit
+    answers = tok.decode(tokens.tolist()).split("\n")[1::4]  # x ⏎y⏎ ⏎⏎ ...
+    assert abs(answers.count("a") - answers.count("b")) <= 1
+
+
+def test_prefetched_sequences_equal_direct_ones(tok):
+    from data import GenericSampler, Prefetcher, SuiteSampler
+    for sampler in (SuiteSampler(tok, 128, "all", seed=3), GenericSampler(tok, 128, seed=3)):
+        prefetcher = Prefetcher(sampler, workers=2, ahead=1)
+        try:
+            for step in (0, 1, 5):  # a skipped step (a resume) too
+                got = prefetcher.get(step, [0, 3])
+                for i, (tokens, targets) in zip([0, 3], got):
+                    want = sampler.sequence(step, i)
+                    assert np.array_equal(tokens, want[0]) and np.array_equal(targets, want[1])
+        finally:
+            prefetcher.close()
+
+
+def test_generic_stories_reward_long_context(tok):
+    from data import GenericSampler, generic_document
+    doc = generic_document(np.random.default_rng(0))
+    lines = doc.split("\n")
+    name, animal = lines[0].split()[0], lines[0].split()[3]  # "bakori is a red fox from the lake."
+    assert sum(name in line for line in lines[1:]) >= 3 or sum(animal in line for line in lines[1:]) >= 3
+    tokens, targets = GenericSampler(tok, 300, seed=1).sequence(2, 0)
+    assert len(tokens) == 300 and tokens[0] == tok.bos_id
+    assert targets[:-1].tolist() == tokens[1:].tolist() and targets[-1] == IGNORE  # every next token
