@@ -420,7 +420,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_k", type=int, help="sample from the top_k most likely tokens only")
     p.add_argument("--seed", type=int, default=0, help="for sampling")
-    p.add_argument("--reduction", choices=["mean", "sum"], default="mean", help="option score: loss per token, or summed")
+    p.add_argument("--reduction", choices=["sum", "mean"], default="sum",
+                   help="an option's score: its answer span's summed loss (its probability; eval.py's default), or per token")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     a = p.parse_args(argv)

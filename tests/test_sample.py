@@ -260,12 +260,12 @@ def test_sample_answers_equal_evals(tmp_path, tok, capsys, monkeypatch):
     res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 256), [encode_example(tok, e) for e in demos[:5]],
                                 queries, tok, 2048, 6)
     assert free == [[s["input"], s["prediction"].replace("\n", " ")] for s in res["samples"]]
-    # options: the one whose answer span has the lowest mean loss, re-encoding every prompt from scratch
+    # options: the one whose answer span has the lowest summed loss, re-encoding every prompt from scratch
     opt = answers(capsys, common + ["--queries", f"{d}/opt.jsonl"])
     prefix = pack([encode_example(tok, e) for e in demos[:5]], tok.bos_id)[0]
     for (inp, got), ex in zip(opt, examples(3, options=True, seed=9)):
         q = encode_example(tok, ex)
-        losses = sample.score_options_uncached(model, prefix, [(q.input, o) for o in q.options])
+        losses = sample.score_options_uncached(model, prefix, [(q.input, o) for o in q.options], reduction="sum")
         assert inp == ex["input"] and got == ex["options"][int(np.argmin(losses))]
     # --prompt, and inputs from stdin
     assert answers(capsys, common + ["--prompt", free[1][0]]) == [free[1]]
