@@ -329,9 +329,22 @@ WORDS = {
 ALL_WORDS = sorted({w for ws in WORDS.values() for w in ws})
 
 
+SYLLABLES = ["ba", "ko", "ri", "zu", "me", "ta", "lo", "pi", "ne", "gu", "sa", "vo", "fe", "di"]
+
+
 def nonce_word(rng):
-    syll = ["ba", "ko", "ri", "zu", "me", "ta", "lo", "pi", "ne", "gu", "sa", "vo", "fe", "di"]
-    return "".join(rng.choice(syll, size=int(rng.integers(2, 4))))
+    return "".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 4))))
+
+
+def song_line(rng):
+    return " ".join(nonce_word(rng) for _ in range(int(rng.integers(4, 9))))
+
+
+def song(rng, n_lines=40):
+    """A song: a few lines of nonce words, sung over and over in any order. After its first
+    verses, only copying from the context predicts it: generic text that rewards long context."""
+    verses = [song_line(rng) for _ in range(int(rng.integers(3, 7)))]
+    return "\n".join(verses[i] for i in rng.integers(len(verses), size=n_lines))
 
 
 def suite_instance(family, rng):
@@ -345,6 +358,10 @@ def suite_instance(family, rng):
         cats = list(rng.choice(sorted(WORDS), size=3, replace=False))
         label_of = {w: labels[i] for i, c in enumerate(cats) for w in WORDS[c]}
         return lambda r: r.choice(WORDS[r.choice(cats)]), label_of.get, labels[:3]
+    if family == "word_label":          # a hidden, arbitrary label for every word: only recall solves it
+        words = list(rng.choice(ALL_WORDS, size=12, replace=False))
+        label_of = {w: labels[int(rng.integers(4))] for w in words}
+        return lambda r: r.choice(words), label_of.get, labels
     if family == "contains_letter":     # does the word contain a hidden letter?
         ch = rng.choice(list("aeiort"))
         return pick_word, lambda w: labels[int(ch in w)], labels[:2]
@@ -392,8 +409,8 @@ def suite_instance(family, rng):
     raise ValueError(f"unknown suite family {family!r}")
 
 
-SUITE_VERSION = "v3"  # bump when the generated suite changes, so stale copies are rewritten
-HELD_IN = ["category_label", "contains_letter", "parity", "compare", "caesar", "string_op", "lookup", "add_const",
+SUITE_VERSION = "v4"  # bump when the generated suite changes, so stale copies are rewritten
+HELD_IN = ["category_label", "word_label", "contains_letter", "parity", "caesar", "string_op", "lookup", "add_const",
            "number_name"]
 HELD_OUT = ["length_threshold", "first_letter", "translate", "suffix"]
 
@@ -451,6 +468,7 @@ def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 40
     # "task" of (first half, second half) pairs for pre-training from files with mask="none"
     for name, n in (("generic_test.txt", 60), ("generic_train.txt", 400)):
         docs = [generic_document(rng) for _ in range(n)]
+        text += [song(rng) for _ in range(40)]
         open(os.path.join(out_dir, name), "w").write("\n\n".join(docs) + "\n")
         text += docs[:40]
     halves = [d.split("\n") for d in docs]
@@ -465,8 +483,8 @@ def generic_document(rng, n_lines=40):
     """'Generic text' for language-model pre-training and the forgetting check: a short story
     about a few characters with nonce names. Who is which animal, of which colour, from where, is
     said once; then the story's events recur in any order, as refrains do in children's stories.
-    Much of a story is thus predictable only from earlier in it: perplexity falls with context
-    length, and a model learns to copy from its context (what in-context learning builds on)."""
+    Much of a story is thus predictable only from earlier in it, so perplexity can fall with
+    context length (and a model that copies from its context is rewarded for it)."""
     cast = [dict(name=nonce_word(rng), animal=a, color=rng.choice(WORDS["color"]), home=rng.choice(WORDS["place"]),
                  thing=rng.choice(WORDS["fruit"] + WORDS["tool"]))
             for a in rng.choice(WORDS["animal"], size=int(rng.integers(3, 6)), replace=False)]
@@ -480,22 +498,25 @@ def generic_document(rng, n_lines=40):
                        f"{c['name']} the {c['color']} {c['animal']} went home to the {c['home']} with a {pick('fruit')}.",
                        f"then {c['name']} met {d['name']} the {d['animal']} near the {pick('place')}.",
                        f"{d['name']} gave {c['name']} a {pick('color')} {pick('fruit')} and a {pick('tool')}."][int(rng.integers(4))])
+    for c in cast[:2]:  # a chant is pure chance the first time it is sung and a copy every time after
+        events.append(f"{c['name']} sang: " + song_line(rng) + ".")
     return "\n".join(intro + [events[i] for i in rng.integers(len(events), size=n_lines - len(intro))])
 
 
 class GenericSampler:
-    """Language-model pre-training on generic text: every sequence is fresh stories, packed
-    back to back ("\n\n" between them) and cut at max_len, every next token a target.
-    Like SuiteSampler, a pure function of (seed, step, index)."""
+    """Language-model pre-training on generic text: every sequence is fresh documents (a song
+    or a story, even odds), packed back to back ("\n\n" between them) and cut at max_len, every
+    next token a target. Like SuiteSampler, a pure function of (seed, step, index)."""
 
     def __init__(self, tokenizer, max_len, seed=0):
         self.tok, self.max_len, self.seed = tokenizer, max_len, seed
 
     def sequence(self, step, index):
         rng = np.random.default_rng([self.seed, step, index, 7])
-        tokens = [self.tok.bos_id] + self.tok.encode(generic_document(rng))
+        document = lambda: song(rng) if rng.random() < 0.5 else generic_document(rng)
+        tokens = [self.tok.bos_id] + self.tok.encode(document())
         while len(tokens) < self.max_len:
-            tokens += self.tok.encode_continuation(EXAMPLE_SEPARATOR + generic_document(rng))
+            tokens += self.tok.encode_continuation(EXAMPLE_SEPARATOR + document())
         tokens = tokens[: self.max_len]
         return np.asarray(tokens, dtype=np.int64), targets_for(tokens, [], "none")
 

@@ -127,7 +127,7 @@ def draw_demos(pool, k, seed, seq_len, room, shots="random"):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tokens):
+def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tokens, option_score="sum"):
     """Metrics of every query (raw example, Encoded) after one set of demonstrations, and how many
     tokens were forwarded with the shared prefix versus re-encoding every prompt from scratch."""
     prefix = data.pack(demos, tok.bos_id)[0]  # the same function as training; [<s>] for k=0
@@ -135,11 +135,15 @@ def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tok
     golds = [ex["output"] for ex, _ in queries]
     if queries[0][0]["options"]:
         segments = [(x, o) for x, (_, q) in zip(inputs, queries) for o in q.options]
-        losses, preds, i = score_options(model, prefix, segments, batch_tokens, cache), [], 0
-        for ex, q in queries:
-            preds.append(ex["options"][int(np.argmin(losses[i:i + len(q.options)]))])
-            i += len(q.options)
-        metrics = dict(accuracy=float(np.mean([p == g for p, g in zip(preds, golds)])), macro_f1=macro_f1(preds, golds))
+        summed = np.array(score_options(model, prefix, segments, batch_tokens, cache, reduction="sum"))
+        # two ways to rank options: the summed loss of the span "⏎ option ⏎" (the option's own
+        # probability, as the usual harnesses' accuracy) or its mean per token (MetaICL)
+        by = {"sum": summed, "mean": summed / np.array([len(y) for _, y in segments])}
+        ends = np.cumsum([0] + [len(q.options) for _, q in queries])
+        pick = lambda scores: [ex["options"][int(np.argmin(scores[a:b]))] for (ex, _), a, b in zip(queries, ends, ends[1:])]
+        preds = pick(by[option_score])
+        metrics = dict(accuracy=float(np.mean([p == g for p, g in zip(preds, golds)])), macro_f1=macro_f1(preds, golds),
+                       **{f"accuracy_{rule}": float(np.mean([p == g for p, g in zip(pick(by[rule]), golds)])) for rule in by})
         lengths = [len(x) + len(y) for x, y in segments]
     else:
         gens = generate(model, prefix, inputs, tok.newline_id, tok.eos_id, max_new_tokens, batch_tokens, cache)
@@ -181,7 +185,8 @@ def load_eval_tasks(paths, tok, seq_len, max_test=None):
     return tasks
 
 
-def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_tokens=32):
+def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_tokens=32, shots="random",
+             option_score="sum"):
     """The k sweep for every task, model, k and seed; returns the results (see main) as a dict."""
     caches = {name: new_cache(m, seq_len + batch_tokens) for name, m in models.items()}
     timing = {name: dict(seconds=0.0, tokens_forwarded=0, tokens_uncached=0) for name in models}
@@ -191,7 +196,7 @@ def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_
         entry = results[task] = dict(kind="options" if options else "free-form", metric="accuracy" if options else "rouge_l",
                                      n_pool=len(pool), n_test=len(queries), k={})
         for k in ks:
-            draws = {s: draw_demos(pool, k, s, seq_len, answer_room([q for _, q in queries], k)) for s in seeds}
+            draws = {s: draw_demos(pool, k, s, seq_len, answer_room([q for _, q in queries], k), shots) for s in seeds}
             why = next((why for _, why in draws.values() if why), None)
             if why:  # every seed or none, so mean and worst are over the same seeds for every k
                 tqdm.write(f"note: task '{task}': {why}: skipped")
@@ -203,7 +208,8 @@ def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_
                 runs = {}
                 for s in seeds:
                     t0 = time.perf_counter()
-                    runs[str(s)], stats = evaluate_prompt(model, caches[name], draws[s][0], queries, tok, batch_tokens, max_new_tokens)
+                    runs[str(s)], stats = evaluate_prompt(model, caches[name], draws[s][0], queries, tok, batch_tokens,
+                                                          max_new_tokens, option_score)
                     timing[name]["seconds"] += time.perf_counter() - t0
                     for key in stats:
                         timing[name][key] += stats[key]
@@ -219,6 +225,9 @@ def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_
         summary[k] = {name: dict(mean=float(np.mean([d[name]["mean"] for d in done])) if done else None,
                                  worst=float(np.mean([d[name]["worst"] for d in done])) if done else None,
                                  answer_loss=float(np.mean([d[name]["means"]["answer_loss"] for d in done])) if done else None,
+                                 # the same macro score with options ranked by the other rule too
+                                 **{f"mean_{rule}": float(np.mean([d[name]["means"].get(f"accuracy_{rule}", d[name]["mean"])
+                                                                   for d in done])) if done else None for rule in ("sum", "mean")},
                                  n_tasks=len(done)) for name in models}
     for t in timing.values():  # what re-encoding every prompt would forward, over what was forwarded
         t["token_speedup"] = t["tokens_uncached"] / max(t["tokens_forwarded"], 1)
@@ -326,6 +335,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--no_base", action="store_true", help="evaluate the trained model only")
+    p.add_argument("--shots", choices=["random", "stratified"], default="random",
+                   help="demonstrations: the seed's permutation, or labels balanced round-robin (data.shot_order)")
+    p.add_argument("--option_score", choices=["sum", "mean"], default="sum",
+                   help="rank options by the summed loss of their answer span (their probability) or its mean per token")
     a = p.parse_args(argv)
     dtype_name = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
@@ -350,8 +363,10 @@ def main(argv=None):
     results = dict(checkpoint=config["checkpoint"], config=config,
                    settings=dict(tasks=task_paths, ks=[str(k) for k in ks], seeds=seeds, seq_len=seq_len,
                                  max_test=a.max_test, batch_tokens=a.batch_tokens, max_new_tokens=a.max_new_tokens,
-                                 device=a.device, dtype=dtype_name, ppl_file=a.ppl_file),
-                   **evaluate(models, tok, tasks, ks, seeds, seq_len, a.batch_tokens, a.max_new_tokens))
+                                 device=a.device, dtype=dtype_name, ppl_file=a.ppl_file, shots=a.shots,
+                                 option_score=a.option_score),
+                   **evaluate(models, tok, tasks, ks, seeds, seq_len, a.batch_tokens, a.max_new_tokens, a.shots,
+                             a.option_score))
     if a.ppl_file:
         results["perplexity"] = forgetting(models, tok, a.ppl_file, a.ppl_lengths)
     print_tables(results, names)

@@ -1,19 +1,25 @@
 """
-The paper's three claims on the built-in suite, with the tiny model on a CPU:
+The paper's claims on the built-in suite, every arm at equal compute, from the same base model:
 
-    python config/reproduce.py            # all runs, then the tables; RUNS/ holds everything
-    python config/reproduce.py --report   # only the tables and plot, from finished runs
-    python config/reproduce.py --steps=1000 --jobs=12  # 3.3x longer, 12 runs at a time (a GPU), in runs-1000/
+    python config/reproduce.py                 # CPU route (reduced size): every run, then tables and plots
+    python config/reproduce.py --report        # only the tables and plots, from finished runs
+    python config/reproduce.py --gpu           # GPU route: the full size, many runs at a time on one GPU
 
-1. mask-all (ManyICL) vs mask-last on the same sequences, steps and seed, plus zero-shot
-   fine-tuning (one example per sequence) and few-shot fine-tuning (MetaICL: 16 demonstrations
-   and a query, mask-last); held-out k-shot score over the k sweep.
-2. shot scaling: the same table read along k, against the untrained model.
-3. forgetting: a tiny LM pre-trained on generic text (mask none), then LoRA-fine-tuned with
-   ManyICL or with few-shot fine-tuning; perplexity of held-out generic text by context length.
-Every method is trained with several seeds; each evaluation uses several demonstration seeds.
-Training data is train.py's default: a fresh built-in task instance (a new hidden rule) for every
-sequence. Scores are the held-out accuracy / ROUGE-L and the gold answer's loss.
+Arms (train.py's default recipe; only the flags below differ, same steps, sequences per step and
+sequence length for the multi-task arms, same sampler seed so mask-all and mask-last see the
+very same sequences):
+  untrained     the base model itself (eval.py's "base" column)
+  zero-shot     one example per sequence, loss on its answer
+  few-shot      MetaICL: 16 demonstrations and a query, loss on the last answer only
+  mask-last     ManyICL's long sequences, loss on the last answer only (the paper's ablation)
+  manyicl       ManyICL: as many shots as fit, a loss on every answer
+  stratified    manyicl with label-balanced shots (--shots=stratified), training and evaluation
+  dedicated     one model per held-out task, trained on that task's own pool (one example per
+                sequence), evaluated at k=0: the paper's upper bound
+Every multi-task arm is trained with 3 seeds and evaluated with 2 demonstration seeds on the
+held-out tasks at k in {0,1,4,16,64,max}; the forgetting check (perplexity of held-out generic
+stories by context length) and the many-shot curve (answer loss and accuracy by shot index in
+long sequences of fresh held-out instances) come from the same checkpoints.
 """
 import json
 import os
@@ -24,109 +30,197 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-option = lambda name, default: int(next((a.split("=")[1] for a in sys.argv if a.startswith(f"--{name}=")), default))
-STEPS, JOBS = option("steps", 300), option("jobs", 1)
-RUNS = "runs" if STEPS == 300 else f"runs-{STEPS}"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU = "--gpu" in sys.argv
+option = lambda name, default: type(default)(next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default))
+# CPU route: a reduced size, measured on 2 cores. GPU route: the size at which in-context learning
+# showed on one H100 (3,000 steps of 32 sequences of 512 tokens, lr 1e-3; see the README).
+SIZE = ["--seq_len=512", "--batch_size=32", "--grad_accum=1", "--lr=1e-3", "--min_lr=1e-4", "--warmup_steps=100",
+        "--workers=2"] if GPU else ["--seq_len=256", "--batch_size=8", "--grad_accum=1", "--lr=3e-3", "--min_lr=3e-4",
+                                    "--warmup_steps=15"]
+LM_STEPS = option("lm_steps", 2000 if GPU else 300)  # language-model pre-training of the base
+STEPS = option("steps", 3000 if GPU else 150)        # every fine-tuning arm
+JOBS = option("jobs", 14 if GPU else 2)
+RUNS = option("runs", "runs-gpu" if GPU else "runs")
 SEEDS = [1, 2, 3]
-COMMON = ["--seq_len=512", f"--max_steps={STEPS}", "--lr=3e-3", "--min_lr=3e-4", "--warmup_steps=50",
-          "--eval_data=", "--ckpt_interval=100000", "--log_interval=100000"]
-METHODS = {  # name: train.py flags (same sampler seed -> the same tasks and shots for mask-all/last)
-    "manyicl": ["--loss_mask=all"],
-    "mask-last": ["--loss_mask=last"],
-    "few-shot": ["--loss_mask=last", "--max_shots=17"],
+COMMON = [*SIZE, "--eval_data=", "--log_interval=100000"]
+ARMS = {  # name: train.py flags; the same sampler seed gives mask-all and mask-last the very same sequences
     "zero-shot": ["--loss_mask=all", "--max_shots=1"],
+    "few-shot": ["--loss_mask=last", "--max_shots=17"],
+    "mask-last": ["--loss_mask=last"],
+    "manyicl": ["--loss_mask=all"],
+    "stratified": ["--loss_mask=all", "--shots=stratified"],
 }
-EVAL = ["--ks", "0,1,4,16,64,max", "--seeds", "100,13", "--seq_len", "512"]
-PPL_LENGTHS = "64,128,256,512"
+TASKS = "data/suite/eval"
+KS = "0,1,4,16,64,max"
+PPL = ["--ppl_file", "data/suite/generic_test.txt", "--ppl_lengths", "32,64,128,256"]
+EVAL = ["--ks", KS, "--seeds", "100,13", "--max_test", "32", "--no_base", *PPL]
+LM = f"{RUNS}/lm"
+CURVE_SEQUENCES = 32
 
 
 def sh(*cmd):
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run([sys.executable, *cmd], check=True, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # JOBS processes share the cores
+    p = subprocess.run([sys.executable, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    if p.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
 
 
 def run_jobs(jobs):
-    """Each job is a list of commands run in order; JOBS of them at a time."""
+    """Each job: (output file, commands to run in order); skipped when its output exists."""
+    def run(job):
+        done, cmds = job
+        if not os.path.exists(done):
+            for cmd in cmds:
+                sh(*cmd)
+            print(f"done: {done}", flush=True)
     with ThreadPoolExecutor(JOBS) as pool:
-        list(pool.map(lambda job: [sh(*cmd) for cmd in job], jobs))
+        list(pool.map(run, jobs))
+
+
+def dedicated_tasks():
+    return sorted(os.listdir(os.path.join(ROOT, TASKS)))
 
 
 def train_and_eval():
-    run_jobs([[("train.py", *COMMON, *flags, f"--seed={seed}", f"--out_dir={RUNS}/{name}-{seed}"),
-               ("eval.py", "--ckpt", f"{RUNS}/{name}-{seed}", *EVAL, "--out", f"{RUNS}/{name}-{seed}/eval.json")]
-              for seed in SEEDS for name, flags in METHODS.items()])
-    # forgetting: pre-train a language model on generic text, then fine-tune it two ways with LoRA
-    lm = f"{RUNS}/lm"
-    sh("train.py", "--data=data/suite/generic", "--loss_mask=none", "--seq_len=512", f"--max_steps={STEPS}",
-       "--lr=3e-3", "--min_lr=3e-4", "--warmup_steps=40", "--eval_data=", f"--out_dir={lm}", "--log_interval=100000")
-    run_jobs([[("train.py", *COMMON, *METHODS[name], f"--seed={seed}", f"--init={lm}/ckpt-{STEPS:06d}",
-                "--lora_rank=16", "--lr=1e-3", f"--out_dir={RUNS}/forget-{name}-{seed}"),
-               ("eval.py", "--ckpt", f"{RUNS}/forget-{name}-{seed}", "--tasks", "data/suite/eval", *EVAL,
-                "--ppl_file", "data/suite/generic_test.txt", "--ppl_lengths", PPL_LENGTHS,
-                "--out", f"{RUNS}/forget-{name}-{seed}/eval.json")]
-              for seed in SEEDS for name in ("manyicl", "few-shot")])
+    # the base: a language model pre-trained on generic stories and songs (every token a target)
+    base = f"{LM}/ckpt-{LM_STEPS:06d}"
+    run_jobs([(f"{LM}/eval.json", [("train.py", *COMMON, "--data=generic", "--loss_mask=none", f"--max_steps={LM_STEPS}",
+                                    f"--ckpt_interval={LM_STEPS}", f"--out_dir={LM}"),
+                                   ("eval.py", "--ckpt", LM, "--tasks", TASKS, *EVAL, "--out", f"{LM}/eval.json"),
+                                   ("config/reproduce.py", "--curve", LM)])])
+    jobs = []
+    for seed in SEEDS:
+        for name, flags in ARMS.items():
+            out = f"{RUNS}/{name}-{seed}"
+            shots = ["--shots", "stratified"] if name == "stratified" else []
+            jobs.append((f"{out}/curve.json", [
+                ("train.py", *COMMON, *flags, f"--init={base}", f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}",
+                 f"--seed={seed}", f"--out_dir={out}"),
+                ("eval.py", "--ckpt", out, "--tasks", TASKS, *EVAL, *shots, "--out", f"{out}/eval.json"),
+                ("config/reproduce.py", "--curve", out)]))
+        for task in dedicated_tasks():  # the upper bound: one model per task, on the task's own pool
+            out = f"{RUNS}/dedicated-{task}-{seed}"
+            jobs.append((f"{out}/eval.json", [
+                ("train.py", *COMMON, f"--data={TASKS}/{task}", "--loss_mask=all", "--max_shots=1", f"--init={base}",
+                 f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}", f"--seed={seed}", f"--out_dir={out}"),
+                ("eval.py", "--ckpt", out, "--tasks", f"{TASKS}/{task}", "--ks", "0", "--seeds", "100", "--max_test", "32",
+                 "--no_base", "--out", f"{out}/eval.json")]))
+    run_jobs(jobs)
+
+
+def curve(out):
+    """Many-shot curve: per shot index, the gold answer's loss (nats per token, teacher-forced) and
+    whether every answer token is the model's top choice, in long sequences of fresh instances of
+    the held-out families (the same sequences for every model)."""
+    import torch
+    import data
+    from sample import load_models
+    _, model, tok, config = load_models(out, "cpu", torch.float32, base=False)
+    sampler = data.SuiteSampler(tok, config["seq_len"], "all", seed=424242, families=data.HELD_OUT)
+    loss, correct = {}, {}
+    for i in range(CURVE_SEQUENCES):
+        tokens, targets = sampler.sequence(0, i)
+        with torch.no_grad():
+            logits = model(torch.as_tensor(tokens)[None])[0]
+        nll = torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets), reduction="none", ignore_index=-100)
+        hit = logits.argmax(-1).numpy() == targets
+        supervised = np.flatnonzero(targets != -100)
+        for shot, span in enumerate(np.split(supervised, np.flatnonzero(np.diff(supervised) > 1) + 1)):
+            loss.setdefault(shot, []).append(float(nll[span].mean()))
+            correct.setdefault(shot, []).append(float(hit[span].all()))
+    json.dump({s: dict(loss=float(np.mean(loss[s])), accuracy=float(np.mean(correct[s])), n=len(loss[s])) for s in loss},
+              open(f"{out}/curve.json", "w"), indent=1)
 
 
 def mean_spread(values):
-    v = np.array(values, dtype=float)
-    return f"{v.mean():.3f} ± {v.std():.3f}"
+    v = np.array([x for x in values if x is not None], dtype=float)
+    return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "–"
+
+
+def table(title, header, rows):
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
+    for name, cells in rows.items():
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def report():
-    res = {(m, s): json.load(open(f"{RUNS}/{m}-{s}/eval.json")) for m in METHODS for s in SEEDS}
-    ks = list(res[("manyicl", SEEDS[0])]["summary"])
+    load = lambda run: json.load(open(f"{run}/eval.json"))
+    lm = load(LM)
+    res = {(a, s): load(f"{RUNS}/{a}-{s}") for a in ARMS for s in SEEDS if os.path.exists(f"{RUNS}/{a}-{s}/eval.json")}
+    arms = [a for a in ARMS if all((a, s) in res for s in SEEDS)]
+    ks, head = KS.split(","), ["method"] + [f"k={k}" for k in KS.split(",")]
     tables = {}
-    for key, title in (("mean", "Held-out k-shot score (accuracy or ROUGE-L"),
-                       ("answer_loss", "Held-out gold-answer loss (nats per answer token, lower is better")):
-        print(f"\n{title}; macro-average over tasks; mean ± std over training seeds, each the mean "
-              "over demonstration seeds)\n")
-        print("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
-        print("|---" * (len(ks) + 1) + "|")
-        rows = {"untrained": [[res[("manyicl", s)]["summary"][k]["base"][key] for s in SEEDS] for k in ks]}
-        rows.update({m: [[res[(m, s)]["summary"][k]["trained"][key] for s in SEEDS] for k in ks] for m in METHODS})
-        for m, cols in rows.items():
-            print(f"| {m} | " + " | ".join(mean_spread(c) for c in cols) + " |")
+    for key, title in (("mean", "Held-out k-shot score (accuracy with options ranked by summed span loss, or ROUGE-L)"),
+                       ("mean_mean", "The same score, options ranked by mean per-token span loss (MetaICL)"),
+                       ("answer_loss", "Held-out gold-answer loss (nats per answer token, lower is better)")):
+        rows = {"untrained (the pre-trained LM)": [[lm["summary"][k]["trained"][key]] for k in ks]}
+        rows.update({a: [[res[(a, s)]["summary"][k]["trained"][key] for s in SEEDS] for k in ks] for a in arms})
         tables[key] = rows
-    forget = {(m, s): json.load(open(f"{RUNS}/forget-{m}-{s}/eval.json"))["perplexity"]
-              for m in ("manyicl", "few-shot") for s in SEEDS if os.path.exists(f"{RUNS}/forget-{m}-{s}/eval.json")}
-    if forget:
-        lengths = PPL_LENGTHS.split(",")
-        print("\nPerplexity of held-out generic text by context length (mean ± std over seeds)\n")
-        print("| model | " + " | ".join(f"{L} tokens" for L in lengths) + " |")
-        print("|---" * (len(lengths) + 1) + "|")
-        first = next(iter(forget.values()))
-        print("| pre-trained LM | " + " | ".join(f"{first[L]['base']['ppl']:.3f}" for L in lengths) + " |")
-        for m in ("manyicl", "few-shot"):
-            print(f"| + {m} | " + " | ".join(mean_spread([forget[(m, s)][L]["trained"]["ppl"] for s in SEEDS])
-                                             for L in lengths) + " |")
-    plot(tables, ks)
+        table(f"{title}; macro-average over the 8 held-out tasks; mean ± std over {len(SEEDS)} training seeds, "
+              "each the mean over 2 demonstration seeds", head, {a: [mean_spread(c) for c in cols] for a, cols in rows.items()})
+    tasks = dedicated_tasks()
+    per_task = {"untrained": [mean_spread([lm["tasks"][t]["k"]["max"]["trained"]["mean"]]) for t in tasks]}
+    per_task.update({a: [mean_spread([res[(a, s)]["tasks"][t]["k"]["max"]["trained"]["mean"] for s in SEEDS])
+                         for t in tasks] for a in arms})
+    per_task["dedicated (k=0)"] = [mean_spread([load(f"{RUNS}/dedicated-{t}-{s}")["summary"]["0"]["trained"]["mean"]
+                                                for s in SEEDS if os.path.exists(f"{RUNS}/dedicated-{t}-{s}/eval.json")])
+                                   for t in tasks]
+    table("Per held-out task at k=max; dedicated fine-tuning is one model per task, evaluated at k=0",
+          ["method"] + tasks, per_task)
+    lengths = PPL[-1].split(",")
+    ppl = {"pre-trained LM": [mean_spread([lm["perplexity"][L]["trained"]["ppl"]]) for L in lengths]}
+    ppl.update({f"+ {a}": [mean_spread([res[(a, s)]["perplexity"][L]["trained"]["ppl"] for s in SEEDS]) for L in lengths]
+                for a in arms})
+    table("Perplexity of held-out generic stories by context length (forgetting)",
+          ["model"] + [f"{L} tokens" for L in lengths], ppl)
+    curves = {"untrained": [json.load(open(f"{LM}/curve.json"))]}
+    curves.update({a: [json.load(open(f"{RUNS}/{a}-{s}/curve.json")) for s in SEEDS] for a in arms})
+    plot(tables, ks, curves)
 
 
-def plot(tables, ks):
+def plot(tables, ks, curves):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("(matplotlib is not installed: no plots)")
         return
+    tag = "" if RUNS == "runs" else "-" + RUNS.split("-", 1)[-1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, ylabel) in zip(axes, (("mean", "held-out score (accuracy / ROUGE-L)"),
                                         ("answer_loss", "held-out gold-answer loss (nats/token)"))):
-        for m, cols in tables[key].items():
-            mean, std = np.mean(cols, axis=1), np.std(cols, axis=1)
-            ax.errorbar(range(len(ks)), mean, yerr=std, marker="o", capsize=3, label=m)
+        for a, cols in tables[key].items():
+            ax.errorbar(range(len(ks)), np.mean(cols, axis=1), yerr=np.std(cols, axis=1), marker="o", capsize=3,
+                        label=a.split(" (")[0])
         ax.set_xticks(range(len(ks)), ks)
         ax.set(xlabel="k (demonstrations in the prompt)", ylabel=ylabel)
-    axes[0].legend()
-    fig.suptitle(f"Built-in suite, tiny model, {len(SEEDS)} training seeds x 2 demonstration seeds")
-    os.makedirs("assets", exist_ok=True)
-    fig.savefig("assets/shots.png" if STEPS == 300 else f"assets/shots-{STEPS}.png", dpi=120, bbox_inches="tight")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Built-in suite, held-out tasks, {len(SEEDS)} training seeds x 2 demonstration seeds ({STEPS} steps)")
+    fig.savefig(f"{ROOT}/assets/shots{tag}.png", dpi=120, bbox_inches="tight")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax in zip(("loss", "accuracy"), axes):
+        for a, runs in curves.items():
+            shots = sorted(int(s) for s in runs[0] if runs[0][s]["n"] >= CURVE_SEQUENCES // 2)
+            ax.plot([s + 1 for s in shots], [np.mean([r[str(s)][key] for r in runs]) for s in shots], label=a)
+        ax.set(xlabel="shot index in the sequence", xscale="log",
+               ylabel="answer loss (nats/token)" if key == "loss" else "whole answer span correct (teacher-forced)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Many-shot curve: {CURVE_SEQUENCES} sequences of fresh held-out-family instances, mean over seeds")
+    fig.savefig(f"{ROOT}/assets/many_shot{tag}.png", dpi=120, bbox_inches="tight")
 
 
 if __name__ == "__main__":
-    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.chdir(ROOT)
+    sys.path.insert(0, ROOT)
+    if "--curve" in sys.argv:
+        curve(sys.argv[sys.argv.index("--curve") + 1])
+        sys.exit()
     if "--report" not in sys.argv:
         t0 = time.time()
         train_and_eval()
-        print(f"all runs: {(time.time() - t0) / 60:.1f} min wall")
+        print(f"all runs: {(time.time() - t0) / 60:.1f} min wall on {JOBS} jobs")
     report()

@@ -118,6 +118,36 @@ def test_draw_demos_limits(tok):
     assert ev.draw_demos(pool, "max", 0, 10_000, 5)[0] == [pool[i] for i in order]  # the whole pool
 
 
+def test_option_rules_rank_by_summed_or_mean_span_loss(tok):
+    """accuracy ranks options by the summed loss of "⏎ option ⏎" (the option's probability);
+    accuracy_mean by its mean per token (MetaICL). Options of 1-2 words differ in token counts, so
+    the two can disagree; both must equal an argmin over the uncached reference."""
+    model = random_model(tok, seed=3)
+    pool = [encode_example(tok, e) for e in examples(8, options=True, seed=1)]
+    raw = examples(12, options=True, seed=2)
+    queries = [(ex, encode_example(tok, ex)) for ex in raw]
+    prefix = pack(pool[:4], tok.bos_id)[0]
+    want = {}
+    for rule in ("sum", "mean"):
+        preds = []
+        for ex, q in queries:
+            losses = sample.score_options_uncached(model, prefix, [(ev.query_input(q, 4), o) for o in q.options], reduction=rule)
+            preds.append(ex["options"][int(np.argmin(losses))])
+        want[rule] = np.mean([p == ex["output"] for p, (ex, _) in zip(preds, queries)])
+    assert len({len(o) for _, q in queries for o in q.options}) > 1  # spans of different lengths
+    for rule in ("sum", "mean"):
+        res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 1024), pool[:4], queries, tok, 64, 4, option_score=rule)
+        assert res["accuracy_sum"] == pytest.approx(want["sum"]) and res["accuracy_mean"] == pytest.approx(want["mean"])
+        assert res["accuracy"] == res[f"accuracy_{rule}"]
+
+
+def test_stratified_demonstrations(tok):
+    pool = [encode_example(tok, dict(input=str(i), output="yes" if i % 5 else "no", options=["yes", "no"])) for i in range(40)]
+    demos, _ = ev.draw_demos(pool, 8, 13, 10_000, 5, shots="stratified")
+    assert sum(d.answer == pool[0].answer for d in demos) == 4  # 4 "no" of 8 although the pool holds 8 in 40
+    assert ev.draw_demos(pool, 8, 13, 10_000, 5)[0] == [pool[i] for i in np.random.default_rng(13).permutation(40)[:8]]
+
+
 # ----------------------------------------------------------------------------- cached scoring
 
 @pytest.mark.parametrize("options", [True, False])
@@ -206,7 +236,8 @@ def test_main_end_to_end(tmp_path, tok, capsys):
             r = opt["k"][k][name]
             assert set(r["seeds"]) == {"1", "2"} and r["worst"] <= r["mean"] <= 1
             assert {"accuracy", "macro_f1", "shots"} <= set(r["seeds"]["1"])
-            assert set(r["means"]) == {"accuracy", "macro_f1", "shots", "answer_loss"} and r["means"]["answer_loss"] > 0
+            assert set(r["means"]) == {"accuracy", "accuracy_sum", "accuracy_mean", "macro_f1", "shots", "answer_loss"}
+            assert r["means"]["answer_loss"] > 0 and r["means"]["accuracy"] == r["means"]["accuracy_sum"]  # the default
             assert r["seeds"]["1"]["samples"][0]["prediction"] in ("yes", "no", "maybe so")
             assert {"rouge_l", "exact_match", "token_f1"} <= set(free["k"][k][name]["seeds"]["2"])
     assert opt["k"]["2"]["base"]["seeds"]["1"]["shots"] == 2 and opt["k"]["max"]["base"]["seeds"]["1"]["shots"] == 10
