@@ -151,7 +151,8 @@ def report():
     lm = load(LM)
     res = {(a, s): load(f"{RUNS}/{a}-{s}") for a in ARMS for s in SEEDS if os.path.exists(f"{RUNS}/{a}-{s}/eval.json")}
     arms = [a for a in ARMS if all((a, s) in res for s in SEEDS)]
-    ks, head = KS.split(","), ["method"] + [f"k={k}" for k in KS.split(",")]
+    ks = [k for k in KS.split(",") if lm["summary"][k]["trained"]["n_tasks"]]  # k=64 fits no prompt of 256 tokens
+    head = ["method"] + [f"k={k}" for k in ks]
     tables = {}
     for key, title in (("mean", "Held-out k-shot score (accuracy with options ranked by summed span loss, or ROUGE-L)"),
                        ("mean_mean", "The same score, options ranked by mean per-token span loss (MetaICL)"),
