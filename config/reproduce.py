@@ -51,6 +51,8 @@ ARMS = {  # name: train.py flags; the same sampler seed gives mask-all and mask-
     "manyicl": ["--loss_mask=all"],
     "stratified": ["--loss_mask=all", "--shots=stratified"],
 }
+LORA = {name: ARMS[name] + ["--lora_rank=16", "--lr=1e-3", "--min_lr=1e-4"]  # forgetting as the paper fine-tunes:
+        for name in ("zero-shot", "few-shot", "manyicl")}                      # LoRA at a small learning rate
 TASKS = "data/suite/eval"
 KS = "0,1,4,16,64,max"
 PPL = ["--ppl_file", "data/suite/generic_test.txt", "--ppl_lengths", "32,64,128,256"]
@@ -106,6 +108,13 @@ def train_and_eval():
                  f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}", f"--seed={seed}", f"--out_dir={out}"),
                 ("eval.py", "--ckpt", out, "--tasks", f"{TASKS}/{task}", "--ks", "0", "--seeds", "100", "--max_test", "32",
                  "--no_base", "--out", f"{out}/eval.json")]))
+        for name, flags in LORA.items():
+            out = f"{RUNS}/lora-{name}-{seed}"
+            jobs.append((f"{out}/eval.json", [
+                ("train.py", *COMMON, *flags, f"--init={base}", f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}",
+                 f"--seed={seed}", f"--out_dir={out}"),
+                ("eval.py", "--ckpt", out, "--tasks", TASKS, "--ks", "0,16", "--seeds", "100,13", "--max_test", "32",
+                 "--no_base", *PPL, "--out", f"{out}/eval.json")]))
     run_jobs(jobs)
 
 
@@ -177,6 +186,17 @@ def report():
                 for a in arms})
     table("Perplexity of held-out generic stories by context length (forgetting)",
           ["model"] + [f"{L} tokens" for L in lengths], ppl)
+    lora = {a: [load(f"{RUNS}/lora-{a}-{s}") for s in SEEDS] for a in LORA
+            if all(os.path.exists(f"{RUNS}/lora-{a}-{s}/eval.json") for s in SEEDS)}
+    if lora:
+        rows = {"pre-trained LM": [mean_spread([lm["perplexity"][L]["trained"]["ppl"]]) for L in lengths] +
+                                  [mean_spread([lm["summary"][k]["trained"]["answer_loss"]]) for k in ("0", "16")]}
+        rows.update({f"+ {a} (LoRA r16, lr 1e-3)": [mean_spread([r["perplexity"][L]["trained"]["ppl"] for r in runs])
+                                                    for L in lengths] +
+                     [mean_spread([r["summary"][k]["trained"]["answer_loss"] for r in runs]) for k in ("0", "16")]
+                     for a, runs in lora.items()})
+        table("Forgetting with LoRA, as the paper fine-tunes: perplexity by context length, and held-out answer loss",
+              ["model"] + [f"{L} tokens" for L in lengths] + ["answer loss k=0", "answer loss k=16"], rows)
     curves = {"untrained": [json.load(open(f"{LM}/curve.json"))]}
     curves.update({a: [json.load(open(f"{RUNS}/{a}-{s}/curve.json")) for s in SEEDS] for a in arms})
     plot(tables, ks, curves)
