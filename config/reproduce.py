@@ -16,7 +16,8 @@ very same sequences):
   stratified    manyicl with label-balanced shots (--shots=stratified), training and evaluation
   dedicated     one model per held-out task, trained on that task's own pool (one example per
                 sequence), evaluated at k=0: the paper's upper bound
-Every multi-task arm is trained with 3 seeds and evaluated with 2 demonstration seeds on the
+Forgetting is also checked as the paper fine-tunes: zero-shot, few-shot and manyicl again with
+LoRA (r16, lr 1e-3). Every multi-task arm is trained with 3 seeds and evaluated with 2 demonstration seeds on the
 held-out tasks at k in {0,1,4,16,64,max}; the forgetting check (perplexity of held-out generic
 stories by context length) and the many-shot curve (answer loss and accuracy by shot index in
 long sequences of fresh held-out instances) come from the same checkpoints.
