@@ -367,7 +367,7 @@ def suite_instance(family, rng):
         return pick_word, lambda w: labels[int(ch in w)], labels[:2]
     if family == "parity":              # even or odd, named by label words
         return pick_number, lambda n: labels[int(n) % 2], labels[:2]
-    if family == "compare":             # is a > b, direction hidden
+    if family == "compare":             # is a > b, direction hidden (not in HELD_IN: never learned, even on a GPU)
         flip = int(rng.integers(2))
         def rule(pair):
             a, b = map(int, pair.split())
