@@ -1,7 +1,7 @@
 """
 ManyICL training: one task's examples packed to fill the context, a loss on every answer.
 
-    python train.py                                   # tiny model, built-in suite, CPU, minutes
+    python train.py                                   # our small base model, built-in suite, CPU, minutes
     python train.py config/mistral7b.py --lr=2e-4     # a config file, then typed overrides
     torchrun --standalone --nproc_per_node 8 train.py config/mistral7b.py
 
@@ -37,22 +37,23 @@ from lora import apply_lora, load_lora, save_lora
 
 @dataclass
 class TrainConfig:
-    init: str = "scratch"              # "scratch" (fresh model of `preset`) or a checkpoint directory
-    preset: str = "tiny"               # model shape when init=scratch
+    init: str = "assets/base-nano"     # a checkpoint directory, or "scratch" (a fresh model of `preset`);
+                                       # the default is our small language model (README: "The base model")
+    preset: str = "nano"               # model shape when init=scratch
     data: str = "suite"                # "suite": a fresh built-in task per sequence; "generic": stories for LM
                                        # pre-training (every token a target); or MetaICL JSONL files/folders
     families: str = ""                 # suite families to train on, comma-separated ("" = data.HELD_IN)
     eval_data: str = "data/suite/eval" # held-out tasks for the validation loss ("" = none)
     tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
     out_dir: str = "out"
-    seq_len: int = 1024                # tokens per packed sequence (32768 for Mistral-7B-v0.3)
-    batch_size: int = 4                # sequences per device per micro-step
-    grad_accum: int = 2                # micro-steps per optimizer step, in total across all ranks
-    max_steps: int = 150
+    seq_len: int = 512                 # tokens per packed sequence (32768 for Mistral-7B-v0.3)
+    batch_size: int = 16               # sequences per device per micro-step
+    grad_accum: int = 1                # micro-steps per optimizer step, in total across all ranks
+    max_steps: int = 800
     lr_decay_steps: int = 0            # cosine reaches min_lr here; 0 means max_steps
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 15
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 1337
@@ -61,7 +62,7 @@ class TrainConfig:
     shots: str = "random"              # order of the shots: random | stratified (labels balanced round-robin)
     workers: int = 0                   # background processes making the next steps' sequences (0 = in the loop)
     task_temperature: float = math.inf # task sampling ∝ size**(1/T); inf = uniform over tasks
-    lora_rank: int = 0                 # 0 = train every weight (the right thing for a random model)
+    lora_rank: int = 0                 # 0 = train every weight (right for a small model; the paper uses 16)
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"

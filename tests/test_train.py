@@ -21,7 +21,7 @@ def suite(tmp_path_factory):
 
 
 def common(suite, out, **kw):
-    cfg = dict(data=f"{suite}/train", eval_data=f"{suite}/eval", tokenizer=f"{suite}/tokenizer.model", out_dir=out,
+    cfg = dict(init="scratch", preset="tiny", data=f"{suite}/train", eval_data=f"{suite}/eval", tokenizer=f"{suite}/tokenizer.model", out_dir=out,
                seq_len=96, batch_size=1, grad_accum=2, max_steps=3, warmup_steps=1, eval_interval=2, eval_sequences=2,
                log_interval=1, ckpt_interval=100, lr=3e-3)
     cfg.update(kw)
