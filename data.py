@@ -347,6 +347,18 @@ def song(rng, n_lines=40):
     return "\n".join(verses[i] for i in rng.integers(len(verses), size=n_lines))
 
 
+def play(rng, n_turns=40):
+    """A play's script: a speaker's name on a line of its own, then what they say, a blank line
+    between turns, and every speaker always says their own refrain. After a speaker's first
+    turn, only recalling what followed their name earlier predicts the line: associative recall,
+    in the layout of a task's examples (input, newline, answer). Songs and stories alone never
+    taught that layout to our base model (README: "The base model")."""
+    cast = list(dict.fromkeys(nonce_word(rng) for _ in range(int(rng.integers(3, 9)))))
+    refrain = {name: song_line(rng) for name in cast}
+    turns = (cast[i] for i in rng.integers(len(cast), size=n_turns))
+    return "\n\n".join(f"{name}\n{refrain[name]}" for name in turns)
+
+
 def suite_instance(family, rng):
     """One task instance of `family` with its hidden rule drawn from rng. Returns
     (draw, rule, options): draw(r) picks an input, rule(input) is its answer."""
@@ -504,16 +516,18 @@ def generic_document(rng, n_lines=40):
 
 
 class GenericSampler:
-    """Language-model pre-training on generic text: every sequence is fresh documents (a song
-    or a story, even odds), packed back to back ("\n\n" between them) and cut at max_len, every
-    next token a target. Like SuiteSampler, a pure function of (seed, step, index)."""
+    """Language-model pre-training on generic text: every sequence is fresh documents (a play two
+    times in three, else a song or a story), packed back to back ("\n\n" between them) and cut
+    at max_len, every next token a target. Like SuiteSampler, a pure function of (seed, step,
+    index)."""
 
     def __init__(self, tokenizer, max_len, seed=0):
         self.tok, self.max_len, self.seed = tokenizer, max_len, seed
 
     def sequence(self, step, index):
         rng = np.random.default_rng([self.seed, step, index, 7])
-        document = lambda: song(rng) if rng.random() < 0.5 else generic_document(rng)
+        document = lambda: (play(rng) if rng.random() < 2 / 3 else
+                            song(rng) if rng.random() < 0.5 else generic_document(rng))
         tokens = [self.tok.bos_id] + self.tok.encode(document())
         while len(tokens) < self.max_len:
             tokens += self.tok.encode_continuation(EXAMPLE_SEPARATOR + document())
