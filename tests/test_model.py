@@ -348,7 +348,21 @@ def test_auto_checkpointing_fits_the_budget_or_is_none_on_cpu():
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "base-nano")
 
 
-def test_committed_base_model_copies_from_its_context(tmp_path):
+@pytest.fixture(scope="module")
+def committed_base():
+    """(tokenizer, model) of assets/base-nano, loaded once for the tests below."""
+    import data
+    return data.Tokenizer(os.path.join(BASE, "tokenizer.model")), Transformer.from_pretrained(BASE, "cpu", torch.float32).eval()
+
+
+def token_losses(model, tokens):
+    """losses[t]: the model's loss on tokens[t + 1], having read tokens[:t + 1]."""
+    tokens = torch.tensor(tokens)
+    with torch.no_grad():
+        return F.cross_entropy(model(tokens[None, :-1])[0], tokens[1:], reduction="none")
+
+
+def test_committed_base_model_copies_from_its_context(tmp_path, committed_base):
     """train.py's default init, assets/base-nano: the nano shape, the very tokenizer a fresh clone
     generates for the suite, and a language model that copies from its context. On songs (verses
     sung over and over in any order) its loss on a repeated line is far below its loss on a line
@@ -357,12 +371,11 @@ def test_committed_base_model_copies_from_its_context(tmp_path):
     import data
     from model import PRESETS, read_params_json
     assert read_params_json(os.path.join(BASE, "params.json")) == ModelArgs(**{**PRESETS["nano"], "vocab_size": 1024})
-    tok = data.Tokenizer(os.path.join(BASE, "tokenizer.model"))
+    tok, model = committed_base
     fresh = data.Tokenizer(os.path.join(data.make_suite(str(tmp_path / "suite")), "tokenizer.model"))
     pieces = lambda t: [t.sp.id_to_piece(i) for i in range(t.vocab_size)]
     assert pieces(tok) == pieces(fresh)
 
-    model = Transformer.from_pretrained(BASE, "cpu", torch.float32).eval()
     rng, repeated, first = np.random.default_rng(0), [], []
     for _ in range(4):
         tokens, kind, seen = [tok.bos_id], [0], set()
@@ -371,15 +384,13 @@ def test_committed_base_model_copies_from_its_context(tmp_path):
             tokens += ids
             kind += [0] + [2 if line in seen else 1] * (len(ids) - 1)  # a line's first token: which verse, unknowable
             seen.add(line)
-        tokens, kind = torch.tensor(tokens[:512]), torch.tensor(kind[1:512])
-        with torch.no_grad():
-            loss = F.cross_entropy(model(tokens[None, :-1])[0], tokens[1:], reduction="none")
+        loss, kind = token_losses(model, tokens[:512]), torch.tensor(kind[1:512])
         repeated.append(loss[kind == 2]), first.append(loss[kind == 1])
     repeated, first = torch.cat(repeated).mean().item(), torch.cat(first).mean().item()
     assert repeated < first - 2.0, (repeated, first)
 
 
-def test_committed_base_model_recalls_in_the_task_layout():
+def test_committed_base_model_recalls_in_the_task_layout(committed_base):
     """The same base recalls which answer followed an input earlier in its context, in the
     layout of a task's examples (input ⏎ answer ⏎ ⏎⏎), as its plays taught it (data.play).
     Inputs and answers are nonce words, 10 pairs per sequence: on a repeated input, the loss on
@@ -387,19 +398,16 @@ def test_committed_base_model_recalls_in_the_task_layout():
     context predicts (measured: 0.55 against 5.65 nats; the base before its plays had 5.45 against 5.29)."""
     import numpy as np
     import data
-    tok = data.Tokenizer(os.path.join(BASE, "tokenizer.model"))
-    model = Transformer.from_pretrained(BASE, "cpu", torch.float32).eval()
+    tok, model = committed_base
     rng, repeated, new = np.random.default_rng(0), [], []
     for _ in range(6):
         answer_of = {data.nonce_word(rng): data.nonce_word(rng) for _ in range(10)}
         inputs = [str(x) for x in rng.choice(sorted(answer_of), size=100)]
         examples = [data.encode_example(tok, dict(input=x, output=answer_of[x])) for x in inputs]
         tokens, spans = data.pack(examples, tok.bos_id)
-        tokens = torch.tensor(tokens[:512])
-        with torch.no_grad():
-            loss = F.cross_entropy(model(tokens[None, :-1])[0], tokens[1:], reduction="none")
+        loss = token_losses(model, tokens[:512])
         for j, (start, _) in enumerate(spans):
-            if start + 1 < len(tokens):  # the answer's first token, tokens[start + 1], is predicted at start
+            if start < len(loss):  # the answer's first token, tokens[start + 1], is predicted at start
                 (repeated if inputs[j] in inputs[:j] else new).append(loss[start].item())
     repeated, new = float(np.mean(repeated)), float(np.mean(new))
     assert repeated < new - 3.0, (repeated, new)
