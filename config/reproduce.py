@@ -1,7 +1,7 @@
 """
 The paper's claims on the built-in suite, every arm at equal compute, from the same base model:
 
-    python config/reproduce.py                 # CPU route (reduced size, from assets/base-nano; 22 min on 2 cores)
+    python config/reproduce.py                 # CPU route (reduced size, from assets/base-nano; 26 min on 2 cores)
     python config/reproduce.py --report        # only the tables and plots, from finished runs
     python config/reproduce.py --gpu           # GPU route: the full size, many runs at a time on one GPU
 
