@@ -40,7 +40,7 @@ class TrainConfig:
     init: str = "assets/base-nano"     # a checkpoint directory, or "scratch" (a fresh model of `preset`);
                                        # the default is our small language model (README: "The base model")
     preset: str = "nano"               # model shape when init=scratch
-    data: str = "suite"                # "suite": a fresh built-in task per sequence; "generic": stories for LM
+    data: str = "suite"                # "suite": a fresh built-in task per sequence; "generic": plays, songs, stories for LM
                                        # pre-training (every token a target); or MetaICL JSONL files/folders
     families: str = ""                 # suite families to train on, comma-separated ("" = data.HELD_IN)
     eval_data: str = "data/suite/eval" # held-out tasks for the validation loss ("" = none)

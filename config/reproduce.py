@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = "--gpu" in sys.argv
 option = lambda name, default: type(default)(next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default))
 # CPU route: a reduced size, measured on 2 cores, from the committed base (assets/base-nano, a
-# language model that already copies from its context). GPU route: the size at which in-context
+# language model that copies and recalls from its context). GPU route: the size at which in-context
 # learning showed on one H100 (3,000 steps of 32 sequences of 512 tokens, lr 1e-3; see the README),
 # from a `tiny` language model it pre-trains first.
 SIZE = ["--seq_len=512", "--batch_size=32", "--grad_accum=1", "--lr=1e-3", "--min_lr=1e-4", "--warmup_steps=100",
@@ -88,7 +88,7 @@ def dedicated_tasks():
 
 
 def train_and_eval():
-    # the base: a language model pre-trained on generic stories and songs (every token a target)
+    # the base: a language model pre-trained on generic stories, songs and plays (every token a target)
     if GPU:
         base = f"{LM}/ckpt-{LM_STEPS:06d}"
         pretrain = [("train.py", *COMMON, "--init=scratch", "--preset=tiny", "--data=generic", "--loss_mask=none",
