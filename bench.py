@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 import model as model_module
+from configurator import parse_config
+from data import IGNORE
 from lora import LoRALinear, apply_lora, merge_lora
-from model import PRESETS, ModelArgs, Transformer, estimate_peak, flops_per_token, sdpa_backend, training_memory
-from train import checkpointing_mode, parse_config, peak_flops
+from memory import checkpointing_mode, estimate_peak, flops_per_token, peak_flops, training_memory
+from model import PRESETS, ModelArgs, Transformer, sdpa_backend
 
 
 @dataclass
@@ -96,7 +98,7 @@ def time_training(cfg, model, device, dtype, checkpointing=None, backend=None, f
     forward = model.compile_blocks() if cfg.compile else model  # as train.py
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.args.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
-    y = torch.full_like(x, -100)
+    y = torch.full_like(x, IGNORE)
     y[:, ::cfg.target_every] = x[:, 1::cfg.target_every][:, : y[:, ::cfg.target_every].shape[1]]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
     if device.type == "cuda":
@@ -198,7 +200,8 @@ def bench_prefix(cfg, model, device, dtype):
 def bench_data(cfg):
     """Tokenize + pack throughput on one core, with a 32768-piece BPE like Mistral's."""
     import os, tempfile
-    from data import TrainSampler, Tokenizer, encode_tasks, nonce_word, train_tokenizer
+    from data import TrainSampler, Tokenizer, encode_tasks
+    from suite import nonce_word, train_tokenizer
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     lexicon = list({nonce_word(rng) + nonce_word(rng) for _ in range(60000)})

@@ -17,7 +17,8 @@ answer), the same for every query of the task (MetaICL), packed by data.pack: th
 builds training sequences, so prompts are token-identical to them. Scores are the mean and the
 worst over seeds of each task's main metric, then macro-averaged over tasks.
   options:   each option's answer span "⏎ option ⏎" (exactly what training supervises) is scored by
-             its mean per-token loss, lowest wins; accuracy (main metric) and macro-F1.
+             its summed loss (the option's probability; --option_score=mean: per token, MetaICL's
+             rule), lowest wins; accuracy (main metric) and macro-F1.
   free-form: greedy generation until the answer's closing newline; ROUGE-L (main), exact match, token F1.
 
 Shared prefix: every query of a task at one (k, seed) follows the same demonstrations, so they are
@@ -38,7 +39,10 @@ import torch
 from tqdm import tqdm
 
 import data
-from sample import generate, load_models, new_cache, score_options
+from checkpoints import load_models
+from model import dtype_named
+from sample import generate, new_cache, score_options
+from suite import SUITE_DIR, ensure_suite
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -106,14 +110,7 @@ def draw_demos(pool, k, seed, seq_len, room, shots="random"):
     Returns (demos, None), or (None, why not) when they cannot be drawn or do not fit."""
     order = data.shot_order(pool, np.random.default_rng(seed), shots)
     if k == "max":
-        demos, length = [], 1
-        for i in order:
-            cost = len(query_input(pool[i], len(demos))) + len(pool[i].answer)
-            if length + cost + room > seq_len:
-                break
-            demos.append(pool[i])
-            length += cost
-        return demos, None
+        return data.fill((pool[i] for i in order), seq_len - room), None
     if k > len(pool):
         return None, f"k={k} is larger than the demonstration pool ({len(pool)} examples)"
     demos = [pool[i] for i in order[:k]]
@@ -155,7 +152,7 @@ def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tok
     # the gold answer's loss (mean over its span, as training measures it): a smooth measure that
     # moves with the demonstrations before accuracy does, and exists for free-form tasks too
     gold = [(x, q.answer) for x, (_, q) in zip(inputs, queries)]
-    metrics["answer_loss"] = float(np.mean(score_options(model, prefix, gold, batch_tokens, cache)))
+    metrics["answer_loss"] = float(np.mean(score_options(model, prefix, gold, batch_tokens, cache, reduction="mean")))
     lengths += [len(x) + len(y) for x, y in gold]
     stats = dict(tokens_forwarded=len(prefix) + sum(lengths), tokens_uncached=sum(len(prefix) + n for n in lengths))
     samples = [dict(input=ex["input"], prediction=p, gold=g) for (ex, _), p, g in zip(queries[:3], preds, golds)]
@@ -341,7 +338,7 @@ def main(argv=None):
                    help="rank options by the summed loss of their answer span (their probability) or its mean per token")
     a = p.parse_args(argv)
     dtype_name = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    dtype = dtype_named(dtype_name, a.device)
 
     base, trained, tok, config = load_models(a.ckpt, a.device, dtype, base=not a.no_base)
     models = {"base": base, "trained": trained} if base is not None else {"trained": trained}
@@ -350,9 +347,9 @@ def main(argv=None):
     if trained.args.max_seq_len is not None and seq_len > trained.args.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is above the model's max_seq_len={trained.args.max_seq_len}")
     task_paths = a.tasks or (config.get("eval_data") or "data/suite/eval").split(",")  # train.py's syntax
-    builtin = any((os.path.abspath(t) + os.sep).startswith(data.SUITE_DIR + os.sep) for t in task_paths)
+    builtin = any((os.path.abspath(t) + os.sep).startswith(SUITE_DIR + os.sep) for t in task_paths)
     if builtin:
-        data.ensure_suite()
+        ensure_suite()
     ks = a.ks or parse_ks("0,1,4,16,64,max" if builtin else "0,1,4,16,64,256,max")
     seeds = a.seeds or parse_ints("100,13,21" if builtin else "100,13,21,42,87")
     if a.ppl_file and not os.path.isfile(a.ppl_file):  # before the sweep, not after it

@@ -5,9 +5,8 @@ frozen and only A (rank, in) and B (out, rank) trained.
 
 Files: `save_lora` writes Mistral's names (layers.N.attention.wq.lora_A.weight, ...), the layout
 mistral-finetune writes and mistral-inference's `load_lora` merges (with scaling 2.0, i.e.
-rank 16 / alpha 32). `export_peft` writes the same adapter under Hugging Face PEFT's names.
+rank 16 / alpha 32). checkpoints.export_peft writes the same adapter under Hugging Face PEFT's names.
 """
-import json
 import math
 import os
 
@@ -15,11 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import HF_TO_NATIVE, native_rows_to_hf
-
 ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ATTENTION = ("wq", "wk", "wv", "wo")  # the rest live in feed_forward
-NATIVE_TO_HF = {v: k for k, v in HF_TO_NATIVE.items()}  # "attention.wq" -> "self_attn.q_proj"
 
 
 class LoRALinear(nn.Module):
@@ -73,11 +69,11 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.lora_A.out_features}, scale={self.scale}"
 
 
-def _block(target):
+def block_of(target):
     return "attention" if target in ATTENTION else "feed_forward"
 
 
-def _require_lora(model, who):
+def require_lora(model, who):
     if not hasattr(model, "lora_config"):
         raise ValueError(f"{who}: the model has no LoRA adapters; call apply_lora first")
     return model.lora_config
@@ -97,7 +93,7 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=ALL_TARGETS, fused=False
         p.requires_grad_(False)
     for layer in model.layers:
         for t in targets:
-            parent = getattr(layer, _block(t))
+            parent = getattr(layer, block_of(t))
             setattr(parent, t, LoRALinear(getattr(parent, t), rank, alpha, dropout))
             getattr(parent, t).fused = fused
     model.lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
@@ -118,7 +114,7 @@ def save_lora(model, path, dtype=None):
     """Write only the adapter (fp32 as stored, unless `dtype` says otherwise: mistral-inference
     wants the model's dtype, usually bf16), with rank/alpha/dropout/targets as metadata."""
     from safetensors.torch import save_file
-    cfg = _require_lora(model, "save_lora")
+    cfg = require_lora(model, "save_lora")
     tensors = {k: v.to(dtype or v.dtype).contiguous() for k, v in lora_state_dict(model).items()}
     metadata = {"rank": str(cfg["rank"]), "alpha": str(cfg["alpha"]),
                 "dropout": str(cfg["dropout"]), "targets": ",".join(cfg["targets"])}
@@ -129,7 +125,7 @@ def save_lora(model, path, dtype=None):
 def load_lora(model, path):
     """Load an adapter file into a model that went through apply_lora with the same settings."""
     from safetensors import safe_open
-    cfg = _require_lora(model, "load_lora")
+    cfg = require_lora(model, "load_lora")
     with safe_open(path, "pt", device="cpu") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -169,10 +165,10 @@ def load_lora(model, path):
 def merge_lora(model):
     """Fold every adapter into its base weight and put plain nn.Linear modules back, so the model
     is a plain Transformer again (same state-dict keys; save_pretrained writes it as such)."""
-    _require_lora(model, "merge_lora")
+    require_lora(model, "merge_lora")
     for layer in model.layers:
         for t in ALL_TARGETS:
-            parent = getattr(layer, _block(t))
+            parent = getattr(layer, block_of(t))
             m = getattr(parent, t)
             if not isinstance(m, LoRALinear):
                 continue
@@ -183,26 +179,3 @@ def merge_lora(model):
             setattr(parent, t, plain)
     del model.lora_config
     return model
-
-
-def export_peft(model, out_dir, base_model_name_or_path="mistralai/Mistral-7B-v0.3"):
-    """Write the adapter as a Hugging Face PEFT directory (adapter_model.safetensors +
-    adapter_config.json) for the HF-format base model, without importing any HF package."""
-    from safetensors.torch import save_file
-    cfg, args = _require_lora(model, "export_peft"), model.args
-    tensors = {}
-    for key, w in lora_state_dict(model).items():
-        _, n, block, name, ab, _ = key.split(".")  # layers.N.attention.wq.lora_B.weight
-        if ab == "lora_B" and name in ("wq", "wk"):
-            # HF's q/k weights are ours with rows permuted (rotate-half RoPE): W_hf = P W, so the
-            # update P (B A) = (P B) A; only B's rows move. k's permutation uses the KV heads.
-            w = native_rows_to_hf(w, args.n_heads if name == "wq" else args.n_kv_heads)
-        tensors[f"base_model.model.model.layers.{n}.{NATIVE_TO_HF[f'{block}.{name}']}.{ab}.weight"] = w.contiguous()
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
-                  r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
-                  target_modules=[NATIVE_TO_HF[f"{_block(t)}.{t}"].split(".")[1] for t in cfg["targets"]],
-                  bias="none", fan_in_fan_out=False, use_rslora=False, inference_mode=True)
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)

@@ -25,12 +25,10 @@ encoded once (`prefill`), then many segments (queries, options) are packed after
 Rewinding cache.length to the prefix discards them (`score_options`, `generate`).
 """
 import argparse
-import copy
 import hashlib
 import itertools
 import json
 import os
-import re
 import sys
 import time
 
@@ -39,67 +37,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
-from model import PRESETS, KVCache, ModelArgs, Transformer, read_json
-from train import unreadable
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def find_checkpoint(path):
-    """`path` itself if it is a complete checkpoint, else the newest complete ckpt-* in it."""
-    if os.path.isfile(os.path.join(path, "DONE")):
-        return path
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint or output folder")
-    done = [(int(m[1]), d) for d in os.listdir(path)
-            if (m := re.fullmatch(r"ckpt-(\d+)", d)) and os.path.isfile(os.path.join(path, d, "DONE"))]
-    if not done:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (a ckpt-* folder holding DONE; "
-                                f"ones still being written have none)")
-    return os.path.join(path, max(done)[1])
-
-
-def load_models(path, device, dtype, base=True):
-    """(base, trained, tokenizer, config) from a checkpoint or an out_dir (its newest checkpoint).
-    The base is what training started from: the random init of init='scratch' (same seed, same
-    shape), else the model in `init`. base=False skips it (None)."""
-    ckpt = find_checkpoint(path)
-    why = unreadable(ckpt, ("consolidated.safetensors", "lora.safetensors", "config.json"))
-    if why:
-        raise ValueError(f"{why}\n  checkpoint {ckpt} cannot be read; pass an older ckpt-* folder to use that one")
-    config = dict(read_json(os.path.join(ckpt, "config.json")), checkpoint=ckpt)
-    tok_path = os.path.join(ckpt, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise FileNotFoundError(f"{tok_path}: tokenizer not found (train.py copies it into every checkpoint)")
-    tok = data.Tokenizer(tok_path)
-
-    def initial_model(args):
-        if config["init"] != "scratch":
-            return Transformer.from_pretrained(config["init"], device, dtype)
-        args = args or ModelArgs(**{**PRESETS[config["preset"]], "vocab_size": tok.vocab_size})  # as train.py
-        return Transformer(args).init_weights(config["seed"]).to(device, dtype)  # on the CPU, as train.py
-
-    if config.get("lora_rank"):  # an adapter on top of the initial model
-        from lora import apply_lora, load_lora, merge_lora
-        adapter = os.path.join(ckpt, "lora.safetensors")
-        if not os.path.isfile(adapter):
-            raise FileNotFoundError(f"{adapter}: adapter not found (config lora_rank={config['lora_rank']})")
-        base_model = initial_model(None)
-        trained = copy.deepcopy(base_model) if base else base_model
-        apply_lora(trained, config["lora_rank"], config["lora_alpha"], targets=config["lora_targets"])
-        load_lora(trained, adapter)  # its errors name the file and the mismatching key or setting
-        merge_lora(trained)          # W + BA folded once: eval runs at the base model's speed
-        base_model = base_model if base else None
-    else:  # every weight trained: the checkpoint holds them all
-        trained = Transformer.from_pretrained(ckpt, device, dtype)
-        base_model = initial_model(trained.args) if base else None
-    if tok.vocab_size > trained.args.vocab_size:
-        raise ValueError(f"{tok_path}: {tok.vocab_size} tokens, the model has only {trained.args.vocab_size}")
-    for m in (base_model, trained):
-        if m is not None:
-            m.eval()
-    return base_model, trained, tok, config
-
+from checkpoints import load_models
+from model import KVCache, dtype_named
 
 # ----------------------------------------------------------------------------- KV-cache inference
 
@@ -139,15 +78,15 @@ def extend(model, cache, prefix_len, tokens, seg, pos, slot_seg):
     """Append one row of tokens to the cache and return their logits (T, vocab). Token i belongs
     to segment seg[i] at position pos[i]: it attends to the whole prefix, to the cache slots of its
     own segment (slot prefix_len + j belongs to slot_seg[j]) and to its segment's tokens up to
-    itself in this row; never to another segment. slot_seg is extended with seg. The mask covers
+    itself in this row; never to another segment. slot_seg is extended with seg. The attention mask covers
     the keys after the prefix only: model.py attends to the prefix without one (cached_attention)."""
     assert cache.length == prefix_len + len(slot_seg)
     dev = cache.k[0].device
     s = torch.tensor(seg, device=dev)
-    mask = torch.cat([s[:, None] == torch.tensor(slot_seg, dtype=torch.long, device=dev)[None, :],
-                      (s[:, None] == s[None, :]).tril()], dim=1)  # segments are contiguous, in order
+    attn_mask = torch.cat([s[:, None] == torch.tensor(slot_seg, dtype=torch.long, device=dev)[None, :],
+                           (s[:, None] == s[None, :]).tril()], dim=1)  # segments are contiguous, in order
     logits = model(torch.tensor(tokens, device=dev)[None], cache=cache,
-                   positions=torch.tensor(pos, device=dev), mask=mask)[0]
+                   positions=torch.tensor(pos, device=dev), attn_mask=attn_mask)[0]
     slot_seg += seg
     return logits
 
@@ -166,10 +105,10 @@ def batches(sizes, budget):
 
 
 @torch.inference_mode()
-def score_options(model, prefix_tokens, segments, batch_tokens=2048, cache=None, reduction="mean"):
+def score_options(model, prefix_tokens, segments, batch_tokens=2048, cache=None, reduction="sum"):
     """Loss of each segment's answer, every segment (input tokens, answer tokens) following the
-    shared prefix: the per-token mean over the answer span ("mean") or its summed NLL, the negative
-    log-probability of the whole span ("sum"). The prefix is encoded once; segments are packed into
+    shared prefix: its summed NLL, the negative log-probability of the whole span ("sum", how
+    options are ranked by default), or the per-token mean over the span ("mean", MetaICL's rule). The prefix is encoded once; segments are packed into
     rows of about batch_tokens tokens."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
@@ -206,9 +145,9 @@ def score_options(model, prefix_tokens, segments, batch_tokens=2048, cache=None,
 
 
 @torch.inference_mode()
-def score_options_uncached(model, prefix_tokens, segments, reduction="mean"):
+def score_options_uncached(model, prefix_tokens, segments, reduction="sum"):
     """The reference: each prompt re-encoded from scratch with a plain causal forward, the loss on
-    its answer span exactly as training computes it (targets_for, mask 'last'). For tests and bench."""
+    its answer span exactly as training computes it (targets_for, loss_mask 'last'). For tests and bench."""
     dev = model.tok_embeddings.weight.device
     losses = []
     for x, y in segments:
@@ -342,18 +281,14 @@ def load_prefix(cache, path, ident, prefix):
 def choose_demos(pool, k, seq_len, room):
     """The first k examples, or (k='max') as many as fit leaving room tokens of the context free.
     The pool may be a generator: examples past those are never tokenized."""
-    room = room if k == "max" else 1  # a given k: whatever is left, each query is checked as it comes
-    demos, length = [], 1  # <s>
-    for ex in itertools.islice(pool, None if k == "max" else k):
-        cost = len(ex.first_input if not demos else ex.input) + len(ex.answer)
-        if length + cost + room > seq_len:
-            if k == "max":
-                break
-            raise ValueError(f"k={k} demonstrations do not fit in seq_len={seq_len}")
-        demos.append(ex)
-        length += cost
-    if k != "max" and len(demos) < k:
-        raise ValueError(f"k={k}: there are only {len(demos)} demonstrations")
+    if k == "max":
+        return data.fill(pool, seq_len - room)
+    wanted = list(itertools.islice(pool, k))
+    if len(wanted) < k:
+        raise ValueError(f"k={k}: there are only {len(wanted)} demonstrations")
+    demos = data.fill(wanted, seq_len - 1)  # a given k: whatever room is left, each query is checked as it comes
+    if len(demos) < k:
+        raise ValueError(f"k={k} demonstrations do not fit in seq_len={seq_len}")
     return demos
 
 
@@ -425,8 +360,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     a = p.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+    for name, value, least in (("k", a.k, 0), ("temperature", a.temperature, 0), ("top_k", a.top_k, 1),
+                               ("max_new_tokens", a.max_new_tokens, 1), ("room", a.room, 1)):
+        if value is not None and value != "max" and value < least:
+            p.error(f"--{name}={value}: must be at least {least}")
+    dtype = dtype_named(a.dtype, a.device)
     note = lambda *m: print(*m, file=sys.stderr, flush=True)
 
     _, model, tok, config = load_models(a.ckpt, a.device, dtype, base=False)

@@ -9,10 +9,6 @@ Single process without torchrun works too; under torchrun it is DDP (NCCL on GPU
 A checkpoint is a directory out_dir/ckpt-NNNNNN holding the weights (full, or the LoRA adapter),
 config.json, tokenizer.model and state.pt; rerunning the same command resumes from the newest.
 """
-import ast
-import difflib
-import inspect
-import io
 import json
 import math
 import os
@@ -20,19 +16,20 @@ import shutil
 import signal
 import sys
 import time
-import tokenize
 import traceback
-import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import HELD_IN, IGNORE, GenericSampler, Prefetcher, SuiteSampler, TrainSampler, Tokenizer, collate, encode_tasks, ensure_suite, load_tasks
-from model import (PRESETS, ModelArgs, Transformer, flops_per_token, plan_checkpointing, read_hf_config, read_params_json,
-                   sdpa_backend, training_memory)
-from lora import apply_lora, load_lora, save_lora
+from checkpoints import find_checkpoints, load_model, model_args, tokenizer_file, unreadable, write_checkpoint
+from configurator import parse_config
+from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, collate, encode_tasks, load_tasks
+from lora import apply_lora, load_lora
+from memory import checkpointing_mode, flops_per_token, peak_flops
+from model import PRESETS, ModelArgs, Transformer, dtype_named, sdpa_backend
+from suite import HELD_IN, GenericSampler, SuiteSampler, ensure_suite
 
 
 @dataclass
@@ -79,93 +76,6 @@ class TrainConfig:
     device: str = "auto"
 
 
-def parse_config(argv, config_class=None):
-    """Defaults, then an optional config file of `key = literal` lines, then --key=value (or
-    --key value). -h / --help lists every key with its default and comment, and exits."""
-    config_class = config_class or TrainConfig
-    cfg, valid = config_class(), {f.name: f.type for f in fields(config_class)}
-    overrides, argv = [], list(argv)
-    while argv:
-        arg = argv.pop(0)
-        if arg in ("-h", "--help"):
-            print(config_help(config_class))
-            sys.exit(0)
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:  # --key value
-                if not argv or argv[0].startswith("--"):
-                    sys.exit(f"error: {arg} needs a value: --{key}=VALUE or --{key} VALUE")
-                value = argv.pop(0)
-            overrides.append((key, value, "command line"))
-        else:  # a config file: python syntax, but only literal assignments (never exec'd)
-            try:
-                tree = ast.parse(open(arg).read(), arg)
-            except (OSError, SyntaxError) as e:
-                sys.exit(f"error: cannot read config file {arg}: {e}")
-            for node in tree.body:
-                if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-                    sys.exit(f"error: {arg}:{node.lineno}: only `key = value` lines are allowed")
-                overrides.append((node.targets[0].id, ast.literal_eval(node.value), f"{arg}:{node.lineno}"))
-    for key, value, where in overrides:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
-            sys.exit(f"error: unknown config key '{key}' ({where}); {hint} (--help lists them all)")
-        try:
-            setattr(cfg, key, convert(value, valid[key]))
-        except ValueError:
-            sys.exit(f"error: bad value {value!r} for '{key}' ({where}): expected {valid[key]}")
-    return cfg
-
-
-def config_help(config_class):
-    """The script's docstring, then every key with its default and the comment beside it in the
-    class: read from the source, so those comments stay the one place a key is documented. A
-    comment alone on the next line, indented past the key, continues it."""
-    comments, name, col = {}, None, 0
-    for t in tokenize.generate_tokens(io.StringIO(inspect.getsource(config_class)).readline):
-        if t.type == tokenize.NAME and t.line[:t.start[1]].isspace():  # first word of a line
-            name, col = t.string, t.start[1]
-        elif t.type == tokenize.COMMENT and name and (not t.line[:t.start[1]].isspace() or t.start[1] > col):
-            comments[name] = (comments.get(name, "") + " " + t.string.lstrip("# ")).strip()
-    doc = (getattr(sys.modules["__main__"], "__doc__", None) or "").strip("\n")
-    keys = [(f"  --{f.name}={getattr(config_class, f.name)!s}", comments.get(f.name, "")) for f in fields(config_class)]
-    width = max(len(k) for k, _ in keys) + 2
-    return "\n".join([doc, "", "keys (--key=value or --key value; default shown):"] +
-                     [f"{k:<{width}}{c}".rstrip() for k, c in keys])
-
-
-def convert(value, typ):
-    if not isinstance(value, str):
-        return typ(value)
-    if typ == "bool" or typ is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(value)
-        return value.lower() in ("true", "1")
-    return {"int": int, "float": float, "str": str}.get(typ, typ)(value)
-
-
-def checkpointing_mode(name, model=None, cfg=None, dtype=torch.float32):
-    """model.activation_checkpointing for a config name. "auto" (given the model): the per-block
-    plan that recomputes least while its estimated peak (model.estimate_peak) fits
-    cfg.memory_budget_gib, or with none set 90% of the GPU memory this process holds or could take
-    (the estimate is rough: the 10% is its margin). On the CPU with no budget "auto" is "none":
-    torch cannot see host memory, and CPU runs are small."""
-    if name not in ("none", "full", "selective", "auto"):
-        raise ValueError(f"activation_checkpointing must be none, full, selective or auto; got '{name}'")
-    if name != "auto" or model is None:
-        return name
-    device = next(model.parameters()).device
-    if cfg.memory_budget_gib:
-        budget = cfg.memory_budget_gib * 2**30
-    elif device.type == "cuda":
-        budget = 0.9 * (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device))
-    else:
-        return "none"
-    fixed, estimate = training_memory(model, dtype)
-    return plan_checkpointing(model.args, cfg.seq_len, cfg.batch_size, budget, fixed, **estimate)
-
-
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to min_lr at lr_decay_steps, then flat."""
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
@@ -177,74 +87,28 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def peak_flops(device):
-    """Dense bf16 peak of the GPU, for MFU. None when unknown (and on CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-                       ("L40S", 362e12), ("4090", 165e12), ("A10", 125e12)):
-        if key in name:
-            return flops
-    return None
-
-
-def find_checkpoints(out_dir):
-    """Complete checkpoints, oldest first. Incomplete ones still carry a .tmp- name."""
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("ckpt-"))
-
-
-def unreadable(ckpt, names=("consolidated.safetensors", "lora.safetensors", "state.pt", "config.json")):
-    """Why one of a checkpoint's files cannot be read, or None. Checkpoints are renamed into place
-    only when complete, so a kill never leaves a broken one; a full disk or a bad copy can (a
-    truncated file). Cheap: a safetensors header must cover its file, a zip (state.pt) ends with
-    its directory; the tensors themselves are not read."""
-    from safetensors import SafetensorError, safe_open
-    weights = [n for n in names if n.endswith(".safetensors") and os.path.isfile(os.path.join(ckpt, n))]
-    if not weights:
-        return f"{ckpt}: no weights (consolidated.safetensors or lora.safetensors)"
-    for name in weights + [n for n in names if not n.endswith(".safetensors")]:
-        path = os.path.join(ckpt, name)
-        try:
-            if name.endswith(".safetensors"):
-                safe_open(path, "pt").keys()
-            elif name.endswith(".pt"):
-                zipfile.ZipFile(path).close()
-            else:
-                json.load(open(path))
-        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as e:
-            return f"{path}: {e}"
-    return None
-
-
 def tokenizer_path(cfg):
     if cfg.tokenizer:
         return cfg.tokenizer
     if cfg.init == "scratch":
         return os.path.join(ensure_suite(), "tokenizer.model")
-    for name in ("tokenizer.model.v3", "tokenizer.model"):
-        if os.path.isfile(os.path.join(cfg.init, name)):
-            return os.path.join(cfg.init, name)
-    raise FileNotFoundError(f"{cfg.init}: no tokenizer.model.v3 or tokenizer.model; set --tokenizer=PATH")
+    return tokenizer_file(cfg.init)
 
 
 def base_model_args(cfg, vocab_size):
     """The model's shape, read without loading weights (so bad configs fail fast)."""
-    if cfg.init == "scratch":
-        if cfg.preset not in PRESETS:
-            raise ValueError(f"unknown preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
-        return ModelArgs(**{**PRESETS[cfg.preset], "vocab_size": vocab_size})
-    if os.path.isfile(os.path.join(cfg.init, "params.json")):
-        return read_params_json(os.path.join(cfg.init, "params.json"))
-    if os.path.isfile(os.path.join(cfg.init, "config.json")):
-        return read_hf_config(os.path.join(cfg.init, "config.json"), [])
-    raise FileNotFoundError(f"init={cfg.init}: not 'scratch' and not a checkpoint directory (no params.json/config.json)")
+    if cfg.init != "scratch":
+        if not any(os.path.isfile(os.path.join(cfg.init, f)) for f in ("params.json", "config.json")):
+            raise FileNotFoundError(f"init={cfg.init}: not 'scratch' and not a checkpoint directory "
+                                    f"(no params.json or config.json)")
+        return model_args(cfg.init)
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
+    return ModelArgs(**{**PRESETS[cfg.preset], "vocab_size": vocab_size})
 
 
 def main(argv):
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, TrainConfig)
 
     # ---- distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1
     ddp = "RANK" in os.environ
@@ -259,8 +123,7 @@ def main(argv):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     master = rank == 0
     print0 = lambda *a: master and print(*a, flush=True)
-    dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32, "float16": torch.float16}[cfg.dtype]
+    dtype = dtype_named(cfg.dtype, device)
 
     # ---- validate everything cheap before anything heavy (every rank fails with the same message)
     if cfg.grad_accum % world:
@@ -321,13 +184,13 @@ def main(argv):
                 os.replace(ckpt, moved)
     weights_dtype = dtype if cfg.lora_rank else torch.float32  # frozen base in bf16; trained weights fp32
     if resume and not cfg.lora_rank:
-        model = Transformer.from_pretrained(resume, device, weights_dtype)
+        model = load_model(resume, device, weights_dtype)
     elif cfg.init == "scratch":  # random init on the CPU (reproducible: eval rebuilds it as the baseline)
         with torch.device("meta"):
             model = Transformer(args)
         model = model.to_empty(device="cpu").init_weights(cfg.seed).to(device, weights_dtype)
     else:
-        model = Transformer.from_pretrained(cfg.init, device, weights_dtype)
+        model = load_model(cfg.init, device, weights_dtype)
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
         if resume:
@@ -369,21 +232,9 @@ def main(argv):
         return t.tolist()
 
     def save_checkpoint(step):
-        final = os.path.join(cfg.out_dir, f"ckpt-{step:06d}")
-        if master and not os.path.isdir(final):
-            tmp = os.path.join(cfg.out_dir, f".tmp-ckpt-{step:06d}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            if cfg.lora_rank:
-                save_lora(model, os.path.join(tmp, "lora.safetensors"))
-            else:
-                model.save_pretrained(tmp)
-            shutil.copy(tok.path, os.path.join(tmp, "tokenizer.model"))
-            json.dump({**asdict(cfg), "lora_targets": cfg.lora_targets.split(","), "step": step},
-                      open(os.path.join(tmp, "config.json"), "w"), indent=2)
-            torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(tmp, "state.pt"))
-            open(os.path.join(tmp, "DONE"), "w").write(str(step))
-            os.replace(tmp, final)  # atomic: a crash never leaves a half checkpoint named ckpt-*
+        if master:
+            write_checkpoint(cfg.out_dir, step, model, optimizer, tok.path,
+                             {**asdict(cfg), "lora_targets": cfg.lora_targets.split(",")})
             for old in find_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
                 shutil.rmtree(old)
         if ddp:

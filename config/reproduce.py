@@ -1,13 +1,14 @@
 """
-The paper's claims on the built-in suite, every arm at equal compute, from the same base model:
+The paper's claims on the built-in suite, every arm from the same base model:
 
     python config/reproduce.py                 # CPU route (reduced size, from assets/base-nano; 26 min on 2 cores)
     python config/reproduce.py --report        # only the tables and plots, from finished runs
     python config/reproduce.py --gpu           # GPU route: the full size, many runs at a time on one GPU
 
-Arms (train.py's default recipe; only the flags below differ, same steps, sequences per step and
-sequence length for the multi-task arms, same sampler seed so mask-all and mask-last see the
-very same sequences):
+Arms (train.py's default recipe; only the flags below differ). Every arm runs the same steps of
+the same number of sequences, and the sampler seed gives mask-all and mask-last the very same
+sequences. What is *not* equal: a zero-shot sequence holds one example and a few-shot one 17, so
+those arms process far fewer tokens per step than the arms that fill 512 tokens.
   untrained     the base model itself (eval.py's "base" column)
   zero-shot     one example per sequence, loss on its answer
   few-shot      MetaICL: 16 demonstrations and a query, loss on the last answer only
@@ -129,18 +130,19 @@ def curve(out, dest):
     whether every answer token is the model's top choice, in long sequences of fresh instances of
     the held-out families (the same sequences for every model)."""
     import torch
-    import data
-    from sample import load_models
+    from checkpoints import load_models
+    from data import IGNORE
+    from suite import HELD_OUT, SuiteSampler
     _, model, tok, config = load_models(out, "cpu", torch.float32, base=False)
-    sampler = data.SuiteSampler(tok, config["seq_len"], "all", seed=424242, families=data.HELD_OUT)
+    sampler = SuiteSampler(tok, config["seq_len"], "all", seed=424242, families=HELD_OUT)
     loss, correct = {}, {}
     for i in range(CURVE_SEQUENCES):
         tokens, targets = sampler.sequence(0, i)
         with torch.no_grad():
             logits = model(torch.as_tensor(tokens)[None])[0]
-        nll = torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets), reduction="none", ignore_index=-100)
+        nll = torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets), reduction="none", ignore_index=IGNORE)
         hit = logits.argmax(-1).numpy() == targets
-        supervised = np.flatnonzero(targets != -100)
+        supervised = np.flatnonzero(targets != IGNORE)
         for shot, span in enumerate(np.split(supervised, np.flatnonzero(np.diff(supervised) > 1) + 1)):
             loss.setdefault(shot, []).append(float(nll[span].mean()))
             correct.setdefault(shot, []).append(float(hit[span].all()))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from data import (IGNORE, Encoded, TrainSampler, Tokenizer, build_sequence, collate, encode_example, encode_tasks,
-                  load_tasks, make_suite, pack, targets_for, train_tokenizer, HELD_IN, HELD_OUT)
+                  load_tasks, pack, targets_for)
+from suite import HELD_IN, HELD_OUT, make_suite, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_masks_position_by_position():
 def test_build_sequence_masks_after_packing(tok):
     tasks = [{"input": f"question {i}", "output": f"answer {i}", "options": []} for i in range(60)]
     for mask in ("all", "last", "none"):
-        tokens, targets = build_sequence(tasks, tok, max_len=120, mask=mask, seed=3)
+        tokens, targets = build_sequence(tasks, tok, max_len=120, loss_mask=mask, seed=3)
         assert len(tokens) == len(targets) <= 120 and tokens[0] == tok.bos_id
         text = tok.decode(tokens[1:])
         blocks = text.rstrip("\n").split("\n\n\n")
@@ -170,7 +171,7 @@ def test_suite_is_deterministic_and_needs_context(tmp_path):
 
 
 def test_suite_sampler_draws_a_fresh_hidden_rule_per_sequence(tok):
-    from data import SuiteSampler
+    from suite import SuiteSampler
     sampler = SuiteSampler(tok, 200, "all", seed=3, families=["add_const"])
     a, b, c = sampler.sequence(5, 0), sampler.sequence(5, 0), sampler.sequence(5, 1)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and not np.array_equal(a[0], c[0])
@@ -210,7 +211,8 @@ def test_stratified_shots_balance_labels_without_a_period(tok):
 
 
 def test_prefetched_sequences_equal_direct_ones(tok):
-    from data import GenericSampler, Prefetcher, SuiteSampler
+    from data import Prefetcher
+    from suite import GenericSampler, SuiteSampler
     for sampler in (SuiteSampler(tok, 128, "all", seed=3), GenericSampler(tok, 128, seed=3)):
         prefetcher = Prefetcher(sampler, workers=2, ahead=1)
         try:
@@ -224,7 +226,7 @@ def test_prefetched_sequences_equal_direct_ones(tok):
 
 
 def test_generic_stories_reward_long_context(tok):
-    from data import GenericSampler, generic_document
+    from suite import GenericSampler, generic_document
     doc = generic_document(np.random.default_rng(0))
     lines = doc.split("\n")
     name, animal = lines[0].split()[0], lines[0].split()[3]  # "bakori is a red fox from the lake."

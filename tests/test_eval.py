@@ -10,8 +10,10 @@ import torch
 import data
 import eval as ev
 import sample
-from data import Tokenizer, encode_example, pack, train_tokenizer
+from checkpoints import save_model
+from data import Tokenizer, encode_example, pack
 from model import ModelArgs, Transformer
+from suite import train_tokenizer, write_jsonl
 
 WORDS = "the cat sat on a mat dog ran far away question answer yes no maybe red blue green what is it ans".split()
 
@@ -157,7 +159,7 @@ def test_answer_loss_is_the_gold_answers_loss(tok, options):
     queries = [(ex, encode_example(tok, ex)) for ex in examples(4, options=options, seed=2)]
     res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 1024), pool[:3], queries, tok, 64, 4)
     ref = sample.score_options_uncached(model, pack(pool[:3], tok.bos_id)[0],
-                                    [(ev.query_input(q, 3), q.answer) for _, q in queries])
+                                    [(ev.query_input(q, 3), q.answer) for _, q in queries], reduction="mean")
     assert res["answer_loss"] == pytest.approx(np.mean(ref), abs=1e-4)
 
 
@@ -200,13 +202,13 @@ def test_perplexity_memorised_and_random(tok):
 
 def write_task(folder, name, rows):
     for split, part in (("train", rows[:10]), ("test", rows[10:])):
-        data.write_jsonl(os.path.join(folder, name, f"{split}.jsonl"), part)
+        write_jsonl(os.path.join(folder, name, f"{split}.jsonl"), part)
 
 
 def fake_checkpoint(tmp_path, tok, step=2):
     out = tmp_path / "out"
     ckpt = out / f"ckpt-{step:06d}"
-    tiny_model(tok, seed=5, max_seq_len=512).save_pretrained(str(ckpt))
+    save_model(tiny_model(tok, seed=5, max_seq_len=512), str(ckpt))
     shutil.copy(tok.path, ckpt / "tokenizer.model")
     json.dump(dict(init="scratch", seed=5, seq_len=256, eval_data=str(tmp_path / "tasks"), tokenizer=tok.path,
                    lora_rank=0, lora_alpha=32, lora_dropout=0.0, lora_targets=["wq"]), open(ckpt / "config.json", "w"))

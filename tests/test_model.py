@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import (KVCache, ModelArgs, Transformer, flops_per_token, native_rows_to_hf, hf_rows_to_native)
+from checkpoints import hf_rows_to_native, load_model, native_rows_to_hf, read_params_json, save_model
+from memory import flops_per_token
+from model import KVCache, ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=64, n_layers=2, head_dim=24, hidden_dim=96, n_heads=4, n_kv_heads=2,
                  norm_eps=1e-5, vocab_size=97, rope_theta=1e6)  # head_dim != dim // n_heads on purpose
@@ -153,7 +155,7 @@ def test_both_layouts_load_to_same_logits(tmp_path, layout):
     else: write_hf(m, d, shards=3, theta_key="rope_parameters")
     if layout != "native":  # the official repo ships both side by side: a decoy must be ignored
         save_file({"junk": torch.zeros(1)}, os.path.join(d, "consolidated.safetensors"))
-    loaded = Transformer.from_pretrained(d)
+    loaded = load_model(d)
     tokens = torch.randint(0, ARGS.vocab_size, (1, 13))
     diff = (loaded(tokens) - m(tokens)).abs().max().item()
     print(f"{layout}: max logit diff {diff:.2e}")
@@ -163,14 +165,14 @@ def test_both_layouts_load_to_same_logits(tmp_path, layout):
 
 def test_load_to_dtype_and_no_random_init(tmp_path):
     write_native(tiny_model(), str(tmp_path))
-    m = Transformer.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    m = load_model(str(tmp_path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
 
 
 def test_save_pretrained_round_trip(tmp_path):
     m = tiny_model()
-    m.save_pretrained(str(tmp_path))
-    m2 = Transformer.from_pretrained(str(tmp_path))
+    save_model(m, str(tmp_path))
+    m2 = load_model(str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
 
 
@@ -180,35 +182,35 @@ def test_bad_checkpoints_name_key_and_file(tmp_path):
     d = str(tmp_path / "a"); write_native(m, d)
     cfg = json.load(open(f"{d}/params.json")); del cfg["rope_theta"]; json.dump(cfg, open(f"{d}/params.json", "w"))
     with pytest.raises(KeyError, match="params.json.*rope_theta"):
-        Transformer.from_pretrained(d)
+        load_model(d)
     # missing rope theta in HF config
     d = str(tmp_path / "b"); write_hf(m, d, theta_key=None)
     with pytest.raises(KeyError, match="config.json.*rope_theta"):
-        Transformer.from_pretrained(d)
+        load_model(d)
     # missing key
     d = str(tmp_path / "c"); write_native(m, d)
     sd = {k: v for k, v in m.state_dict().items() if k != "layers.1.feed_forward.w3.weight"}
     save_file(sd, f"{d}/consolidated.safetensors")
     with pytest.raises(KeyError, match="missing.*layers.1.feed_forward.w3.weight"):
-        Transformer.from_pretrained(d)
+        load_model(d)
     # unexpected key
     save_file({**m.state_dict(), "layers.0.extra.weight": torch.zeros(2)}, f"{d}/consolidated.safetensors")
     with pytest.raises(KeyError, match="unexpected.*layers.0.extra.weight"):
-        Transformer.from_pretrained(d)
+        load_model(d)
     # shape mismatch: config says a different hidden_dim
     save_file(m.state_dict(), f"{d}/consolidated.safetensors")
     cfg = json.load(open(f"{d}/params.json")); cfg["hidden_dim"] = 128; json.dump(cfg, open(f"{d}/params.json", "w"))
     with pytest.raises(ValueError, match="layers.0.feed_forward.w1.weight.*shape"):
-        Transformer.from_pretrained(d)
+        load_model(d)
     # malformed JSON, missing directory contents, missing shard
     open(f"{d}/params.json", "w").write("{not json")
     with pytest.raises(ValueError, match="params.json.*not valid JSON"):
-        Transformer.from_pretrained(d)
+        load_model(d)
     with pytest.raises(FileNotFoundError, match="params.json"):
-        Transformer.from_pretrained(str(tmp_path / "empty"))
+        load_model(str(tmp_path / "empty"))
     d = str(tmp_path / "e"); write_hf(m, d, shards=2); os.remove(f"{d}/model-00002-of-00002.safetensors")
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
-        Transformer.from_pretrained(d)
+        load_model(d)
 
 
 def test_sliding_window_refuses_longer_sequences():
@@ -286,7 +288,7 @@ def test_activation_bytes_match_the_allocator(dtype, lora):
     """activation_bytes per block against the allocator: 4 blocks minus 2 blocks, so embeddings,
     the final norm and the loss cancel out. Slack: the CPU RNG state each checkpoint saves (5 KB)
     and LoRA's bf16 weight casts (8 KB here)."""
-    from model import activation_bytes
+    from memory import activation_bytes
     est = activation_bytes(ARGS, 256, dtype.itemsize, lora_rank=4 if lora else 0,
                            lora_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3") if lora else (), train_base=not lora)
     for scheme in ("none", "selective", "full"):
@@ -295,7 +297,8 @@ def test_activation_bytes_match_the_allocator(dtype, lora):
 
 
 def test_plan_checkpointing_mistral_7b_at_32k():
-    from model import PRESETS, TransformerBlock, estimate_peak, plan_checkpointing
+    from memory import estimate_peak, plan_checkpointing
+    from model import PRESETS, TransformerBlock
     a, GiB = ModelArgs(**PRESETS["mistral-7b"]), 2**30
     lora = dict(dtype_bytes=2, lora_rank=16, lora_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
     fixed = 7_248_023_552 * 2 + 32 * 1_310_720 * 16  # bf16 weights; fp32 LoRA with its grads and AdamW moments
@@ -329,8 +332,8 @@ def test_flops_per_token_mistral_7b():
 def test_auto_checkpointing_fits_the_budget_or_is_none_on_cpu():
     """train.py's activation_checkpointing="auto": on the CPU with no budget no checkpointing; with
     memory_budget_gib, the plan that recomputes least within it."""
-    from model import estimate_peak, training_memory
-    from train import TrainConfig, checkpointing_mode
+    from memory import checkpointing_mode, estimate_peak, training_memory
+    from train import TrainConfig
     m, cfg = tiny_model(), TrainConfig(seq_len=1024, batch_size=1)
     assert checkpointing_mode("auto", m, cfg) == "none"
     fixed, est = training_memory(m, torch.float32)
@@ -352,7 +355,7 @@ BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def committed_base():
     """(tokenizer, model) of assets/base-nano, loaded once for the tests below."""
     import data
-    return data.Tokenizer(os.path.join(BASE, "tokenizer.model")), Transformer.from_pretrained(BASE, "cpu", torch.float32).eval()
+    return data.Tokenizer(os.path.join(BASE, "tokenizer.model")), load_model(BASE, "cpu", torch.float32).eval()
 
 
 def token_losses(model, tokens):
@@ -369,17 +372,18 @@ def test_committed_base_model_copies_from_its_context(tmp_path, committed_base):
     sung for the first time (measured: 0.09 against 4.7 nats; a model that cannot copy has them equal)."""
     import numpy as np
     import data
-    from model import PRESETS, read_params_json
+    from model import PRESETS
+    import suite
     assert read_params_json(os.path.join(BASE, "params.json")) == ModelArgs(**{**PRESETS["nano"], "vocab_size": 1024})
     tok, model = committed_base
-    fresh = data.Tokenizer(os.path.join(data.make_suite(str(tmp_path / "suite")), "tokenizer.model"))
+    fresh = data.Tokenizer(os.path.join(suite.make_suite(str(tmp_path / "suite")), "tokenizer.model"))
     pieces = lambda t: [t.sp.id_to_piece(i) for i in range(t.vocab_size)]
     assert pieces(tok) == pieces(fresh)
 
     rng, repeated, first = np.random.default_rng(0), [], []
     for _ in range(4):
         tokens, kind, seen = [tok.bos_id], [0], set()
-        for j, line in enumerate(data.song(rng).split("\n")):
+        for j, line in enumerate(suite.song(rng).split("\n")):
             ids = (tok.encode(line) if j == 0 else tok.encode_continuation(line)) + [tok.newline_id]
             tokens += ids
             kind += [0] + [2 if line in seen else 1] * (len(ids) - 1)  # a line's first token: which verse, unknowable
@@ -392,16 +396,17 @@ def test_committed_base_model_copies_from_its_context(tmp_path, committed_base):
 
 def test_committed_base_model_recalls_in_the_task_layout(committed_base):
     """The same base recalls which answer followed an input earlier in its context, in the
-    layout of a task's examples (input ⏎ answer ⏎ ⏎⏎), as its plays taught it (data.play).
+    layout of a task's examples (input ⏎ answer ⏎ ⏎⏎), as its plays taught it (suite.play).
     Inputs and answers are nonce words, 10 pairs per sequence: on a repeated input, the loss on
     the answer's first token is far below its loss on a new input, whose answer nothing in the
     context predicts (measured: 0.55 against 5.65 nats; the base before its plays had 5.45 against 5.29)."""
     import numpy as np
     import data
+    import suite
     tok, model = committed_base
     rng, repeated, new = np.random.default_rng(0), [], []
     for _ in range(6):
-        answer_of = {data.nonce_word(rng): data.nonce_word(rng) for _ in range(10)}
+        answer_of = {suite.nonce_word(rng): suite.nonce_word(rng) for _ in range(10)}
         inputs = [str(x) for x in rng.choice(sorted(answer_of), size=100)]
         examples = [data.encode_example(tok, dict(input=x, output=answer_of[x])) for x in inputs]
         tokens, spans = data.pack(examples, tok.bos_id)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import sample
+from checkpoints import save_model
 from data import encode_example, pack
 from model import ModelArgs, Transformer
 from test_eval import examples, fake_checkpoint, overfit, random_model, tiny_model, tok  # noqa: F401 (tok: a fixture)
@@ -75,7 +77,7 @@ def test_sum_reduction_is_the_answer_spans_log_probability(tok):
     prefix = pack([encode_example(tok, e) for e in examples(3, options=False, seed=1)], tok.bos_id)[0]
     segments = [(encode_example(tok, dict(input=x, output="a")).input, encode_example(tok, dict(input="", output=o)).answer)
                 for x in ("the cat", "red") for o in ("yes", "maybe so", "the cat sat on a mat")]
-    mean = sample.score_options(model, prefix, segments)
+    mean = sample.score_options(model, prefix, segments, reduction="mean")
     total = sample.score_options(model, prefix, segments, reduction="sum")
     assert np.allclose(total, [m * len(y) for m, (_, y) in zip(mean, segments)], atol=1e-4)
     assert np.allclose(total, sample.score_options_uncached(model, prefix, segments, reduction="sum"), atol=1e-3)
@@ -136,20 +138,20 @@ def test_masked_part_in_blocks_of_rows():
 
 def test_clear_errors(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="nowhere: no such checkpoint"):
-        sample.find_checkpoint(str(tmp_path / "nowhere"))
+        checkpoints.find_checkpoint(str(tmp_path / "nowhere"))
     os.makedirs(tmp_path / "empty" / "ckpt-000100")  # no DONE: incomplete
     with pytest.raises(FileNotFoundError, match="empty: no complete checkpoint"):
-        sample.find_checkpoint(str(tmp_path / "empty"))
+        checkpoints.find_checkpoint(str(tmp_path / "empty"))
     out, ckpt = fake_checkpoint(tmp_path, tok)
-    assert sample.find_checkpoint(str(out)) == str(ckpt) == sample.find_checkpoint(str(ckpt))
+    assert checkpoints.find_checkpoint(str(out)) == str(ckpt) == checkpoints.find_checkpoint(str(ckpt))
     os.remove(ckpt / "tokenizer.model")
     with pytest.raises(FileNotFoundError, match="tokenizer.model: tokenizer not found"):
-        sample.load_models(str(out), "cpu", torch.float32)
+        checkpoints.load_models(str(out), "cpu", torch.float32)
 
 
 def test_scratch_base_is_the_untrained_init(tmp_path, tok):
     out, _ = fake_checkpoint(tmp_path, tok)
-    base, trained, _, config = sample.load_models(str(out), "cpu", torch.float32)
+    base, trained, _, config = checkpoints.load_models(str(out), "cpu", torch.float32)
     x = torch.tensor([[1, 5, 9, 4]])
     ref = tiny_model(tok, seed=5, max_seq_len=512)
     assert torch.equal(base(x), Transformer(ref.args).init_weights(5)(x)) and torch.equal(trained(x), ref(x))
@@ -170,7 +172,7 @@ def test_adapter_and_fine_tuned_checkpoints(tmp_path, tok):
     x = torch.tensor([[1, 5, 9, 4, 7]])
     base_dir = tmp_path / "base"
     base = tiny_model(tok, seed=7)
-    base.save_pretrained(str(base_dir))
+    save_model(base, str(base_dir))
 
     def adapter(model, ckpt):
         tuned = apply_lora(model, 4, 8, targets=["wq", "w2"])
@@ -186,27 +188,27 @@ def test_adapter_and_fine_tuned_checkpoints(tmp_path, tok):
     tuned = adapter(tiny_model(tok, seed=7), ckpt)
     config = dict(init=str(base_dir), seed=0, seq_len=64, lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets=["wq", "w2"])
     write_ckpt(ckpt, tok, config)
-    b, t, _, _ = sample.load_models(str(tmp_path / "out"), "cpu", torch.float32)
+    b, t, _, _ = checkpoints.load_models(str(tmp_path / "out"), "cpu", torch.float32)
     assert torch.equal(b(x), base(x)) and torch.allclose(t(x), tuned(x), atol=1e-5)
     json.dump(dict(config, lora_rank=8), open(ckpt / "config.json", "w"))
     with pytest.raises(ValueError, match="lora.safetensors: LoRA rank is 4 in the file but 8 in the model"):
-        sample.load_models(str(ckpt), "cpu", torch.float32)
+        checkpoints.load_models(str(ckpt), "cpu", torch.float32)
 
     # LoRA on a scratch model (train.py allows it): the base is the preset's init with the seed
     ckpt = tmp_path / "scratch_lora" / "ckpt-000003"
     args = ModelArgs(**{**PRESETS["tiny"], "vocab_size": tok.vocab_size})
     tuned = adapter(Transformer(args).init_weights(11), ckpt)
     write_ckpt(ckpt, tok, dict(config, init="scratch", preset="tiny", seed=11))
-    b, t, _, _ = sample.load_models(str(ckpt), "cpu", torch.float32)
+    b, t, _, _ = checkpoints.load_models(str(ckpt), "cpu", torch.float32)
     assert torch.equal(b(x), Transformer(args).init_weights(11)(x)) and torch.allclose(t(x), tuned(x), atol=1e-5)
 
     # every weight fine-tuned from a pretrained base: full weights in the checkpoint
     ckpt = tmp_path / "full" / "ckpt-000002"
-    tiny_model(tok, seed=8).save_pretrained(str(ckpt))
+    save_model(tiny_model(tok, seed=8), str(ckpt))
     write_ckpt(ckpt, tok, dict(config, lora_rank=0))
-    b, t, _, _ = sample.load_models(str(ckpt), "cpu", torch.float32)
+    b, t, _, _ = checkpoints.load_models(str(ckpt), "cpu", torch.float32)
     assert torch.equal(b(x), base(x)) and torch.equal(t(x), tiny_model(tok, seed=8)(x))
-    b, t, _, _ = sample.load_models(str(ckpt), "cpu", torch.float32, base=False)
+    b, t, _, _ = checkpoints.load_models(str(ckpt), "cpu", torch.float32, base=False)
     assert b is None and t is not None
 
 
@@ -255,7 +257,7 @@ def test_sample_answers_equal_evals(tmp_path, tok, capsys, monkeypatch):
     out, ckpt, demos, d = task_files(tmp_path, tok)
     common = ["--ckpt", str(out), "--demos", f"{d}/train.jsonl", "--k", "5", "--max_new_tokens", "6", "--device", "cpu"]
     free = answers(capsys, common + ["--queries", f"{d}/free.jsonl"])
-    _, model, _, _ = sample.load_models(str(out), "cpu", torch.float32, base=False)
+    _, model, _, _ = checkpoints.load_models(str(out), "cpu", torch.float32, base=False)
     queries = [(ex, encode_example(tok, ex)) for ex in examples(3, options=False, seed=8)]
     res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 256), [encode_example(tok, e) for e in demos[:5]],
                                 queries, tok, 2048, 6)
@@ -296,7 +298,7 @@ def test_prefix_cache_round_trip(tmp_path, tok, capsys, monkeypatch):
     other = tmp_path / "other"
     os.makedirs(other)
     shutil.copytree(out / "ckpt-000002", other / "ckpt-000002")
-    tiny_model(tok, seed=6, max_seq_len=512).save_pretrained(str(other / "ckpt-000002"))
+    save_model(tiny_model(tok, seed=6, max_seq_len=512), str(other / "ckpt-000002"))
     with pytest.raises(ValueError, match=f"{cache}: a prefix cache made for another model"):
         sample.main(common + ["--cache", cache, "--ckpt", str(other)])
 

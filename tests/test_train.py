@@ -9,8 +9,9 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from data import make_suite
+from checkpoints import load_model, save_model
 from model import ModelArgs, Transformer
+from suite import make_suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +91,7 @@ def test_sigterm_writes_loadable_checkpoint(suite, tmp_path):
     assert "signal received: checkpoint written" in stdout
     ckpts = [d for d in os.listdir(out) if d.startswith("ckpt-")]
     assert len(ckpts) == 1 and not any(d.startswith(".tmp") for d in os.listdir(out))
-    Transformer.from_pretrained(os.path.join(out, ckpts[0]))
+    load_model(os.path.join(out, ckpts[0]))
 
 
 def test_loss_decreases_on_tiny_default(suite, tmp_path):
@@ -107,7 +108,7 @@ def test_lora_on_pretrained_checkpoint_trains_only_adapter(suite, tmp_path):
     base_dir = str(tmp_path / "base")
     args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
                      norm_eps=1e-5, vocab_size=1024, rope_theta=1e6, max_seq_len=512)
-    Transformer(args).init_weights(3).save_pretrained(base_dir)
+    save_model(Transformer(args).init_weights(3), base_dir)
     out = str(tmp_path / "lora")
     run(common(suite, out, init=base_dir, lora_rank=4, lora_alpha=8, lr=1e-2))
     ckpt = os.path.join(out, "ckpt-000003")
