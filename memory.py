@@ -42,7 +42,7 @@ def activation_bytes(args, tokens, dtype_bytes=2, lora_rank=0, lora_targets=(), 
 def estimate_peak(args, seq_len, batch, plan, fixed_bytes, **estimate):
     """fixed_bytes (weights, gradients, optimizer state) + what each block keeps under `plan` +
     a working set of 1.5 blocks' activations (one block recomputed and backpropagated, with its
-    gradients): the factor the README's H100 figures imply (1.2-1.5 for full and selective
+    gradients): the factor the H100 figures in RESULTS.md imply (1.2-1.5 for full and selective
     checkpointing at 8K and 32K, eager or compiled per block)."""
     act = activation_bytes(args, seq_len * batch, **estimate)
     return fixed_bytes + sum(act[s] for s in plan) + 1.5 * act["none"]

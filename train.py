@@ -35,7 +35,7 @@ from suite import HELD_IN, GenericSampler, SuiteSampler, ensure_suite
 @dataclass
 class TrainConfig:
     init: str = "assets/base-nano"     # a checkpoint directory, or "scratch" (a fresh model of `preset`);
-                                       # the default is our small language model (README: "The base model")
+                                       # the default is our small language model (RESULTS.md: "The base model")
     preset: str = "nano"               # model shape when init=scratch
     data: str = "suite"                # "suite": a fresh built-in task per sequence; "generic": plays, songs, stories for LM
                                        # pre-training (every token a target); or MetaICL JSONL files/folders
@@ -48,7 +48,7 @@ class TrainConfig:
     grad_accum: int = 1                # micro-steps per optimizer step, in total across all ranks
     max_steps: int = 800
     lr_decay_steps: int = 0            # cosine reaches min_lr here; 0 means max_steps
-    lr: float = 5e-4                   # 2e-3 erased the base model's recall within 200 steps (README)
+    lr: float = 5e-4                   # 2e-3 erased the base model's recall within 200 steps (RESULTS.md)
     min_lr: float = 5e-5
     warmup_steps: int = 20
     weight_decay: float = 0.0

@@ -37,7 +37,7 @@ GPU = "--gpu" in sys.argv
 option = lambda name, default: type(default)(next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default))
 # CPU route: a reduced size, measured on 2 cores, from the committed base (assets/base-nano, a
 # language model that copies and recalls from its context). GPU route: the size at which in-context
-# learning showed on one H100 (3,000 steps of 32 sequences of 512 tokens, lr 1e-3; see the README),
+# learning showed on one H100 (3,000 steps of 32 sequences of 512 tokens, lr 1e-3; see RESULTS.md),
 # from a `tiny` language model it pre-trains first.
 SIZE = ["--seq_len=512", "--batch_size=32", "--grad_accum=1", "--lr=1e-3", "--min_lr=1e-4", "--warmup_steps=100",
         "--workers=2"] if GPU else ["--seq_len=512", "--batch_size=16", "--grad_accum=1", "--lr=5e-4", "--min_lr=5e-5",
