@@ -222,6 +222,10 @@ def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_
         summary[k] = {name: dict(mean=float(np.mean([d[name]["mean"] for d in done])) if done else None,
                                  worst=float(np.mean([d[name]["worst"] for d in done])) if done else None,
                                  answer_loss=float(np.mean([d[name]["means"]["answer_loss"] for d in done])) if done else None,
+                                 # option tasks only: naming one label for every query scores its share in
+                                 # accuracy but little here
+                                 macro_f1=float(np.mean(f1)) if (f1 := [d[name]["means"]["macro_f1"] for d in done
+                                                                       if "macro_f1" in d[name]["means"]]) else None,
                                  # the same macro score with options ranked by the other rule too
                                  **{f"mean_{rule}": float(np.mean([d[name]["means"].get(f"accuracy_{rule}", d[name]["mean"])
                                                                    for d in done])) if done else None for rule in ("sum", "mean")},
@@ -274,8 +278,9 @@ def print_tables(results, names):
     print("\nk-shot on held-out tasks: macro-average over tasks of the main metric (accuracy for "
           "option tasks, ROUGE-L for free-form), mean and worst over seeds")
     print("and of the gold answer's loss (mean over seeds; lower is better)")
-    cols = ("mean", "worst", "answer_loss")
-    print(f"{'k':>6} {'tasks':>5}" + "".join(f" {n + ' ' + c.replace('answer_', 'ans '):>14}" for n in names for c in cols))
+    print("and macro-F1 over the option tasks alone (f1): one label named for every query scores little there")
+    cols = ("mean", "worst", "answer_loss", "macro_f1")
+    print(f"{'k':>6} {'tasks':>5}" + "".join(f" {n + ' ' + c.replace('answer_', 'ans ').replace('macro_', ''):>14}" for n in names for c in cols))
     for k, row in results["summary"].items():
         fmt = lambda v: f"{v:14.4f}" if v is not None else f"{'-':>14}"
         print(f"{k:>6} {row[names[0]]['n_tasks']:>5}" + "".join(f" {fmt(row[n][c])}" for n in names for c in cols))
@@ -346,7 +351,9 @@ def main(argv=None):
     seq_len = a.seq_len or config["seq_len"]
     if trained.args.max_seq_len is not None and seq_len > trained.args.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is above the model's max_seq_len={trained.args.max_seq_len}")
-    task_paths = a.tasks or (config.get("eval_data") or "data/suite/eval").split(",")  # train.py's syntax
+    # a run on the built-in suite is scored on its held-out families; any other on the config's eval_data
+    task_paths = a.tasks or ([os.path.join(SUITE_DIR, "eval")] if config.get("data") in ("suite", "generic")
+                             else (config.get("eval_data") or os.path.join(SUITE_DIR, "eval")).split(","))
     builtin = any((os.path.abspath(t) + os.sep).startswith(SUITE_DIR + os.sep) for t in task_paths)
     if builtin:
         ensure_suite()

@@ -9,12 +9,15 @@ held-in ones. Generic text (plays, songs, stories) pre-trains the small base mod
 """
 import json
 import os
+import shutil
 
 import numpy as np
 
 from data import EXAMPLE_SEPARATOR, build_sequence, targets_for
 
 SUITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "suite")
+# the suite is spelled in the vocabulary of the base model it fine-tunes (made by train_tokenizer below)
+BASE_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "base-nano", "tokenizer.model")
 WORDS = {
     "animal": "cat dog horse cow sheep goat mouse lion tiger bear wolf fox deer duck owl frog".split(),
     "fruit": "apple pear plum grape lemon lime mango peach melon cherry berry fig kiwi date".split(),
@@ -56,72 +59,143 @@ def play(rng, n_turns=40):
     return "\n\n".join(f"{name}\n{refrain[name]}" for name in turns)
 
 
+# Vocabularies. Inputs and answers are drawn from several kinds (English words, nonce words of two
+# syllable sets, digits, letters, numbers, phrases), and each split has its own: the held-out and
+# dev families are spelled in words, syllables and numbers never used as labels in training, so a
+# model that only learned the training suite's labels gains nothing there.
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+ENGLISH = {"train": ALL_WORDS,
+           "dev": ("bread cheese butter honey salt sugar rice soup cake milk juice bean corn egg nut jam baker "
+                   "farmer doctor nurse pilot sailor singer driver teacher writer painter hunter miner tailor").split(),
+           "test": ("chair table lamp door window clock plate bowl pillow mirror carpet shelf sofa bottle happy sad "
+                    "angry calm brave proud tired storm cloud rain snow wind moon star stone leaf grass flower oven "
+                    "umbrella envelope orbit ink autumn engine idea").split()}
+SYLLABLE_SETS = {"train": [SYLLABLES, ["mu", "ka", "po", "ti", "re", "so", "ya", "wo", "nu", "he"]],
+                 "dev": [["zo", "qi", "xa", "je", "ub", "oc"]],
+                 "test": [["ven", "dor", "kul", "mip", "tas", "rog"]]}
+
+
+def words_of(split):
+    return ENGLISH[split]
+
+
+def label_words(rng, split, n):
+    """n distinct answer words of one kind, the kind drawn per task instance."""
+    kinds = {"train": ["english", "nonce", "nonce", "digit", "letter", "phrase"],
+             "dev": ["english", "nonce", "code"], "test": ["english", "nonce", "number"]}[split]
+    kind = kinds[int(rng.integers(len(kinds)))]
+    make = {"english": lambda: str(rng.choice(ENGLISH[split])),
+            "nonce": lambda: "".join(rng.choice(syllables, size=int(rng.integers(2, 4)))),
+            "digit": lambda: str(int(rng.integers(10))),
+            "letter": lambda: str(rng.choice(list(LETTERS.upper()))),
+            "phrase": lambda: " ".join(rng.choice(ENGLISH[split], size=2)),
+            "code": lambda: str(rng.choice(list(LETTERS.upper()))) + str(int(rng.integers(10))),
+            "number": lambda: str(int(rng.integers(200, 1000)))}[kind]  # above any training answer
+    syllables = SYLLABLE_SETS[split][int(rng.integers(len(SYLLABLE_SETS[split])))]
+    out = list(dict.fromkeys(make() for _ in range(20 * n)))[:n]
+    return out + [out[int(rng.integers(len(out)))] for _ in range(n - len(out))]  # a small kind (digits) repeats
+
+
+def input_picker(rng, split, kinds=("word", "number", "letters", "phrase")):
+    """A function r -> an input of one kind, the kind drawn per task instance."""
+    kind = kinds[int(rng.integers(len(kinds)))]
+    words = words_of(split)
+    return {"word": lambda r: str(r.choice(words)),
+            "number": lambda r: str(int(r.integers(1000 if split != "train" else 100))),
+            "letters": lambda r: "".join(r.choice(list(LETTERS), int(r.integers(3, 8)))),
+            "phrase": lambda r: " ".join(r.choice(words, 2))}[kind]
+
+
+def keys_and_values(rng, split, n):
+    """A hidden dictionary of n keys to n answers, keys and answers each of a kind drawn per instance."""
+    pick = input_picker(rng, split)
+    keys = list(dict.fromkeys(pick(rng) for _ in range(4 * n)))[:n]
+    return keys, dict(zip(keys, label_words(rng, split, len(keys))))
+
+
 def suite_instance(family, rng):
     """One task instance of `family` with its hidden rule drawn from rng. Returns
-    (draw, rule, options): draw(r) picks an input, rule(input) is its answer."""
-    labels = list(dict.fromkeys(nonce_word(rng) for _ in range(12)))[:4]  # per-instance label words
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    pick_word = lambda r: r.choice(ALL_WORDS)
+    (draw, rule, options): draw(r) picks an input, rule(input) is its answer. The family's split
+    (held-in, dev, held-out) decides which vocabularies it is spelled in."""
+    split = SPLIT_OF[family]
+    labels = label_words(rng, split, 4)
+    pick_word = input_picker(rng, split, ("word", "letters"))
     pick_number = lambda r: str(int(r.integers(100)))
+    # ---- held-in: classification by a hidden feature or a hidden table, string and number rules
     if family == "category_label":      # which category, named by label words
         cats = list(rng.choice(sorted(WORDS), size=3, replace=False))
         label_of = {w: labels[i] for i, c in enumerate(cats) for w in WORDS[c]}
         return lambda r: r.choice(WORDS[r.choice(cats)]), label_of.get, labels[:3]
-    if family == "word_label":          # a hidden, arbitrary label for every word: only recall solves it
-        words = list(rng.choice(ALL_WORDS, size=12, replace=False))
-        label_of = {w: labels[int(rng.integers(4))] for w in words}
-        return lambda r: r.choice(words), label_of.get, labels
-    if family == "contains_letter":     # does the word contain a hidden letter?
-        ch = rng.choice(list("aeiort"))
+    if family == "word_label":          # a hidden, arbitrary label for every key: only recall solves it
+        keys, _ = keys_and_values(rng, split, int(rng.integers(6, 13)))
+        label_of = {k: labels[i % 4] for i, k in enumerate(keys)}  # every label used
+        return lambda r: keys[int(r.integers(len(keys)))], label_of.get, labels
+    if family == "contains_letter":     # does the input contain a hidden letter?
+        ch = str(rng.choice(list("aeioulnrst")))
         return pick_word, lambda w: labels[int(ch in w)], labels[:2]
+    if family == "first_letter":        # is the first letter in a hidden half of the alphabet?
+        half = set(rng.permutation(list(LETTERS))[:13])
+        return pick_word, lambda w: labels[int(w[0] in half)], labels[:2]
     if family == "parity":              # even or odd, named by label words
         return pick_number, lambda n: labels[int(n) % 2], labels[:2]
-    if family == "compare":             # is a > b, direction hidden (not in HELD_IN: never learned, even on a GPU)
-        flip = int(rng.integers(2))
-        def rule(pair):
-            a, b = map(int, pair.split())
-            return labels[(a > b) ^ flip]
-        return lambda r: f"{int(r.integers(100))} {int(r.integers(100))}", rule, labels[:2]
+    if family == "number_threshold":    # at least a hidden number?
+        t = int(rng.integers(20, 80))
+        return pick_number, lambda n: labels[int(int(n) >= t)], labels[:2]
+    if family == "lookup":              # a hidden dictionary: keys and answers of any kind
+        keys, book = keys_and_values(rng, split, int(rng.integers(4, 13)))
+        return lambda r: keys[int(r.integers(len(keys)))], book.get, []
     if family == "caesar":              # shift letters by a hidden k
         k = int(rng.integers(1, 6))
-        return (lambda r: "".join(r.choice(list(letters), 4)),
-                lambda w: "".join(letters[(letters.index(c) + k) % 26] for c in w), [])
-    if family == "string_op":           # one hidden transformation
-        op = rng.choice(["reverse", "upper", "double", "first3"])
-        return pick_word, {"reverse": lambda w: w[::-1], "upper": str.upper,
-                           "double": lambda w: w + w, "first3": lambda w: w[:3]}[op], []
-    if family == "lookup":              # a hidden code book: 3-letter codes -> nonce words
-        codes = list(dict.fromkeys("".join(rng.choice(list(letters), 3)) for _ in range(8)))
-        book = {c: nonce_word(rng) for c in codes}  # English-word answers were never learned (measured)
-        return lambda r: codes[int(r.integers(len(codes)))], book.get, []
-    if family == "number_name":         # a hidden dictionary from numbers to nonce words
-        numbers = [str(n) for n in rng.choice(100, size=8, replace=False)]
-        names = {n: nonce_word(rng) for n in numbers}
-        return lambda r: numbers[int(r.integers(len(numbers)))], names.get, []
+        return (lambda r: "".join(r.choice(list(LETTERS), 4)),
+                lambda w: "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in w), [])
+    if family == "string_op":           # a hidden transformation, or two of them composed
+        ops = {"reverse": lambda w: w[::-1], "upper": str.upper, "double": lambda w: w + w,
+               "first2": lambda w: w[:2], "first3": lambda w: w[:3], "drop_first": lambda w: w[1:]}
+        names = list(rng.choice(sorted(ops), size=int(rng.integers(1, 3)), replace=False))
+        def rule(w):
+            for name in names:
+                w = ops[name](w)
+            return w
+        return pick_word, rule, []
     if family == "add_const":           # add a hidden constant
         c = int(rng.integers(1, 20))
         return pick_number, lambda n: str(int(n) + c), []
-    # held-out families
-    if family == "length_threshold":    # is the word longer than a hidden length?
+    # ---- dev: chooses recipes; never trained on, never reported as the held-out result
+    if family == "dev_length":          # is the word longer than a hidden length?
         t = int(rng.integers(4, 6))
         return pick_word, lambda w: labels[int(len(w) > t)], labels[:2]
-    if family == "first_letter":        # hidden map from first-letter group to one of 3 labels
-        groups = rng.permutation(3)
-        return pick_word, lambda w: labels[groups[(letters.index(w[0]) * 3) // 26]], labels[:3]
-    if family == "translate":           # a hidden dictionary from words to nonce words
-        src = list(rng.choice(ALL_WORDS, size=10, replace=False))
-        dictionary = {w: nonce_word(rng) for w in src}
-        return lambda r: src[int(r.integers(10))], dictionary.get, []
+    if family == "dev_table":           # a hidden table to dev-vocabulary labels
+        keys, _ = keys_and_values(rng, split, int(rng.integers(6, 13)))
+        label_of = {k: labels[i % 3] for i, k in enumerate(keys)}  # every label used
+        return lambda r: keys[int(r.integers(len(keys)))], label_of.get, labels[:3]
+    if family == "dev_lookup":
+        keys, book = keys_and_values(rng, split, int(rng.integers(4, 13)))
+        return lambda r: keys[int(r.integers(len(keys)))], book.get, []
+    if family == "dev_last_letters":    # the last two or three letters
+        n = int(rng.integers(2, 4))
+        return pick_word, lambda w: w[-n:], []
+    # ---- held-out: rules and vocabularies of their own
+    if family == "vowel_start":         # does the word start with a vowel?
+        return pick_word, lambda w: labels[int(w[0] in "aeiou")], labels[:2]
+    if family == "test_table":          # a hidden table to held-out-vocabulary labels
+        keys, _ = keys_and_values(rng, split, int(rng.integers(6, 13)))
+        label_of = {k: labels[i % 3] for i, k in enumerate(keys)}  # every label used
+        return lambda r: keys[int(r.integers(len(keys)))], label_of.get, labels[:3]
+    if family == "translate":           # a hidden dictionary, held-out vocabularies
+        keys, book = keys_and_values(rng, split, int(rng.integers(4, 13)))
+        return lambda r: keys[int(r.integers(len(keys)))], book.get, []
     if family == "suffix":              # append a hidden suffix
-        s = "".join(rng.choice(list(letters), 2))
-        return pick_word, lambda w: w + s, []
+        suffix = "".join(rng.choice(list(LETTERS), 2))
+        return pick_word, lambda w: w + suffix, []
     raise ValueError(f"unknown suite family {family!r}")
 
 
-SUITE_VERSION = "v4"  # bump when the generated suite changes, so stale copies are rewritten
-HELD_IN = ["category_label", "word_label", "contains_letter", "parity", "caesar", "string_op", "lookup", "add_const",
-           "number_name"]
-HELD_OUT = ["length_threshold", "first_letter", "translate", "suffix"]
+SUITE_VERSION = "v5"  # bump when the generated suite changes, so stale copies are rewritten
+HELD_IN = ["category_label", "word_label", "contains_letter", "first_letter", "parity", "number_threshold", "lookup",
+           "caesar", "string_op", "add_const"]
+DEV = ["dev_length", "dev_table", "dev_lookup", "dev_last_letters"]
+HELD_OUT = ["vowel_start", "test_table", "translate", "suffix"]
+SPLIT_OF = {**{f: "train" for f in HELD_IN}, **{f: "dev" for f in DEV}, **{f: "test" for f in HELD_OUT}}
 
 
 class SuiteSampler:
@@ -150,41 +224,44 @@ def write_jsonl(path, rows):
     os.replace(path + ".tmp", path)
 
 
+def balanced(rows, n):
+    """n rows with every option label equally often, where the rows allow (free-form: the first n)."""
+    if not rows[0]["options"]:
+        return rows[:n]
+    by_label = {}
+    for r in rows:
+        by_label.setdefault(r["output"], []).append(r)
+    each = max(1, n // len(rows[0]["options"]))
+    out = [r for group in by_label.values() for r in group[:each]]
+    return sorted(out, key=rows.index)[:n]
+
+
 def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 400), n_test=64):
-    """Write the suite: train/{task}.jsonl (held-in) and eval/{task}/{train,test}.jsonl
-    (held-out: a demonstration pool and a test set), generic text to score perplexity on (the
-    forgetting check), and a small sentencepiece model trained on all of it. Deterministic in `seed`.
-    Many instances per held-in family, each with its own hidden rule: with few, a small model
-    memorises each instance's rule instead of learning to read it from the context."""
+    """Write the suite: train/{task}.jsonl (held-in), and for the dev and held-out families
+    dev/{task}/ and eval/{task}/ each with train.jsonl (a demonstration pool) and test.jsonl (a
+    test set, labels balanced where the task allows); generic text to score perplexity on (the
+    forgetting check); and the tokenizer, the base model's own (assets/base-nano). Deterministic
+    in `seed`. Many instances per held-in family, each with its own hidden rule: with few, a
+    small model memorises each instance's rule instead of learning to read it from the context."""
     rng = np.random.default_rng(seed)
-    text = []
     for families, n_inst, n_ex, split_dir in ((HELD_IN, instances[0], n_train[0], "train"),
+                                              (DEV, instances[1], n_train[1], "dev"),
                                               (HELD_OUT, instances[1], n_train[1], "eval")):
         for fam in families:
             for i in range(n_inst):
                 draw, rule, options = suite_instance(fam, rng)
                 task = f"{fam}_{i}"
-                n_rows = n_ex + (n_test if split_dir == "eval" else 0)
-                inputs = [str(draw(rng)) for _ in range(n_rows)]
-                rows = [dict(input=x, output=rule(x), task=task, options=options) for x in inputs]
-                text += [r["input"] + "\n" + r["output"] for r in rows[:20]]
+                rows = [dict(input=x, output=rule(x), task=task, options=options)
+                        for x in (str(draw(rng)) for _ in range(n_ex + (8 * n_test if split_dir != "train" else 0)))]
                 if split_dir == "train":
                     write_jsonl(os.path.join(out_dir, "train", f"{task}.jsonl"), rows)
                 else:
-                    write_jsonl(os.path.join(out_dir, "eval", task, "train.jsonl"), rows[:n_ex])
-                    write_jsonl(os.path.join(out_dir, "eval", task, "test.jsonl"), rows[n_ex:])
-    # generic text: a file to score perplexity on (stories never trained on), and stories as a
-    # "task" of (first half, second half) pairs for pre-training from files with loss_mask="none"
-    for name, n in (("generic_test.txt", 60), (None, 400)):
-        docs = [generic_document(rng) for _ in range(n)]
-        text += [song(rng) for _ in range(40)]
-        if name:
-            open(os.path.join(out_dir, name), "w").write("\n\n".join(docs) + "\n")
-        text += docs[:40]
-    halves = [d.split("\n") for d in docs]
-    write_jsonl(os.path.join(out_dir, "generic", "train.jsonl"),
-                [dict(task="generic", input="\n".join(h[:20]), output="\n".join(h[20:]), options=[]) for h in halves])
-    train_tokenizer(text, os.path.join(out_dir, "tokenizer"))
+                    write_jsonl(os.path.join(out_dir, split_dir, task, "train.jsonl"), rows[:n_ex])
+                    write_jsonl(os.path.join(out_dir, split_dir, task, "test.jsonl"), balanced(rows[n_ex:], n_test))
+    # generic text never trained on, to score perplexity on
+    docs = [generic_document(rng) for _ in range(60)]
+    open(os.path.join(out_dir, "generic_test.txt"), "w").write("\n\n".join(docs) + "\n")
+    shutil.copy(BASE_TOKENIZER, os.path.join(out_dir, "tokenizer.model"))
     open(os.path.join(out_dir, "DONE"), "w").write(f"{SUITE_VERSION} {seed}")
     return out_dir
 
@@ -213,18 +290,43 @@ def generic_document(rng, n_lines=40):
     return "\n".join(intro + [events[i] for i in rng.integers(len(events), size=n_lines - len(intro))])
 
 
+# English words for generic text: none of them is a dev or held-out word
+GENERIC_WORDS = ALL_WORDS + ("book pen paper letter word song game ball kite boat ship train car bus bike road map key "
+                             "box bag hat coat shoe sock shirt ring coin gift card bell drum horn flag tent nest web "
+                             "hill cave rock pond sea shore wave fire ice gold iron wood glass sound light dark night "
+                             "day week year spring summer winter morning evening king queen prince child friend man "
+                             "woman girl boy mother father sister brother uncle aunt cook king hero giant dragon "
+                             "wizard ghost robot fast slow big small old new hot cold soft hard loud quiet good bad "
+                             "one two three four five six seven eight nine ten").split()
+
+
+def roster(rng, n_turns=40):
+    """A roster: entries of a key on one line and its value on the next, a blank line between, each
+    key always with the same value, keys returning in any order: a play whose names and lines are
+    of every kind (English words, numbers, codes, letter strings, phrases, nonce words). Recall
+    after a key of any spelling, in the layout of a task's examples."""
+    kinds = [lambda: str(rng.choice(GENERIC_WORDS)), lambda: str(int(rng.integers(1000))), nonce_word,
+             lambda: "".join(rng.choice(list(LETTERS), int(rng.integers(2, 6)))),
+             lambda: " ".join(rng.choice(GENERIC_WORDS, 2)), lambda: str(rng.choice(list(LETTERS.upper()))) + str(int(rng.integers(100)))]
+    key_kind, value_kind = (kinds[i] for i in rng.integers(len(kinds), size=2))
+    call = lambda kind: kind(rng) if kind is nonce_word else kind()
+    keys = list(dict.fromkeys(call(key_kind) for _ in range(int(rng.integers(3, 12)))))
+    value = {k: call(value_kind) for k in keys}
+    return "\n\n".join(f"{k}\n{value[k]}" for k in (keys[i] for i in rng.integers(len(keys), size=n_turns)))
+
+
 class GenericSampler:
-    """Language-model pre-training on generic text: every sequence is fresh documents (a play two
-    times in three, else a song or a story), packed back to back ("\n\n" between them) and cut
-    at max_len, every next token a target. Like SuiteSampler, a pure function of (seed, step,
-    index)."""
+    """Language-model pre-training on generic text: every sequence is fresh documents (a roster
+    or a play two times in three, else a song or a story), packed back to back ("\n\n" between
+    them) and cut at max_len, every next token a target. Like SuiteSampler, a pure function of
+    (seed, step, index)."""
 
     def __init__(self, tokenizer, max_len, seed=0):
         self.tok, self.max_len, self.seed = tokenizer, max_len, seed
 
     def sequence(self, step, index):
         rng = np.random.default_rng([self.seed, step, index, 7])
-        document = lambda: (play(rng) if rng.random() < 2 / 3 else
+        document = lambda: ((roster(rng) if rng.random() < 0.5 else play(rng)) if rng.random() < 2 / 3 else
                             song(rng) if rng.random() < 0.5 else generic_document(rng))
         tokens = [self.tok.bos_id] + self.tok.encode(document())
         while len(tokens) < self.max_len:

@@ -40,7 +40,7 @@ class TrainConfig:
     data: str = "suite"                # "suite": a fresh built-in task per sequence; "generic": plays, songs, stories for LM
                                        # pre-training (every token a target); or MetaICL JSONL files/folders
     families: str = ""                 # suite families to train on, comma-separated ("" = data.HELD_IN)
-    eval_data: str = "data/suite/eval" # held-out tasks for the validation loss ("" = none)
+    eval_data: str = "data/suite/dev"  # tasks for the validation loss ("" = none); the suite's dev families by default
     tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
     out_dir: str = "out"
     seq_len: int = 512                 # tokens per packed sequence (32768 for Mistral-7B-v0.3)

@@ -6,7 +6,7 @@ import pytest
 
 from data import (IGNORE, Encoded, TrainSampler, Tokenizer, build_sequence, collate, encode_example, encode_tasks,
                   load_tasks, pack, targets_for)
-from suite import HELD_IN, HELD_OUT, make_suite, train_tokenizer
+from suite import DEV, HELD_IN, HELD_OUT, make_suite, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,7 @@ def test_suite_is_deterministic_and_needs_context(tmp_path):
     assert len({t.rsplit("_", 1)[0] for t in train}) == len(HELD_IN) >= 8
     held_out = load_tasks(os.path.join(a, "eval"), split="test")
     assert len({t.rsplit("_", 1)[0] for t in held_out}) == len(HELD_OUT) >= 4
+    assert len({t.rsplit("_", 1)[0] for t in load_tasks(os.path.join(a, "dev"), split="test")}) == len(DEV) >= 4
     assert any(ex["options"] for exs in train.values() for ex in exs) and any(not ex["options"] for exs in train.values() for ex in exs)
     # two instances of a family hide different rules: same inputs, different answers
     cl = [load_tasks(os.path.join(a, "train", f"category_label_{i}.jsonl"))[f"category_label_{i}"] for i in (0, 1)]
@@ -234,3 +235,25 @@ def test_generic_stories_reward_long_context(tok):
     tokens, targets = GenericSampler(tok, 300, seed=1).sequence(2, 0)
     assert len(tokens) == 300 and tokens[0] == tok.bos_id
     assert targets[:-1].tolist() == tokens[1:].tolist() and targets[-1] == IGNORE  # every next token
+
+
+def test_held_out_and_dev_tasks_speak_their_own_vocabulary(tmp_path):
+    """No label or dictionary answer of a dev or held-out task is ever an answer in training, no
+    family is in two splits, and option test sets are balanced: naming one label scores
+    1 / (number of labels)."""
+    import suite
+    assert not (set(HELD_IN) & set(DEV) or set(HELD_IN) & set(HELD_OUT) or set(DEV) & set(HELD_OUT))
+    root = make_suite(str(tmp_path / "s"), instances=(20, 2), n_train=(40, 60), n_test=24)
+    train_answers = {ex["output"] for exs in load_tasks(os.path.join(root, "train")).values() for ex in exs}
+    train_answers |= {o for exs in load_tasks(os.path.join(root, "train")).values() for ex in exs for o in ex["options"]}
+    for split in ("dev", "eval"):
+        for name, exs in load_tasks(os.path.join(root, split), split="test").items():
+            answers = {ex["output"] for ex in exs} | {o for ex in exs for o in ex["options"]}
+            if exs[0]["options"] or name.startswith(("dev_lookup", "translate")):  # labels, not strings made from the input
+                assert not answers & train_answers, (split, name, answers & train_answers)
+            if exs[0]["options"]:
+                counts = [sum(ex["output"] == o for ex in exs) for o in exs[0]["options"]]
+                assert max(counts) - min(counts) <= 1, (name, counts)
+    rng = np.random.default_rng(0)
+    words = {w for _ in range(50) for w in suite.roster(rng).split()}
+    assert not words & set(suite.ENGLISH["dev"]) and not words & set(suite.ENGLISH["test"])  # generic text too
