@@ -355,5 +355,8 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # a message, not a traceback
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):  # end the progress bar's line: the message gets its own
+            bar.close()
         where = traceback.extract_tb(e.__traceback__)[-1]
         sys.exit(f"error: {e}  [{os.path.basename(where.filename)}:{where.lineno}]")
