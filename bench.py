@@ -8,6 +8,7 @@ checkpointing, dtype and SDPA settings as train.py, on random weights (no downlo
     python bench.py --preset=mistral-7b --seq_len=32768 --sweep=True --compile=True   # the same, compiled
     python bench.py --preset=mistral-7b --seq_len=32768 --compile=True --activation_checkpointing=auto --memory_budget_gib=38
     python bench.py --preset=mistral-7b --prefix=32000 --steps=0        # eval shared-prefix cache
+    python bench.py --init=checkpoints/Mistral-7B-v0.3 --seq_len=32768  # a downloaded folder's shapes
     python bench.py --data=True --steps=0                  # tokenize + pack throughput, one core
 
 FLOPs per token (N = matmul weights, d = n_heads * head_dim, L layers, T = seq_len; causal
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 import model as model_module
+from checkpoints import model_args
 from configurator import parse_config
 from data import IGNORE
 from lora import LoRALinear, apply_lora, merge_lora
@@ -35,6 +37,7 @@ from model import PRESETS, ModelArgs, Transformer, sdpa_backend
 @dataclass
 class BenchConfig:
     preset: str = "tiny"
+    init: str = ""                       # a model folder of either layout: its shapes (weights random), else preset's
     seq_len: int = 1024
     batch_size: int = 1
     lora_rank: int = 16                  # LoRA r16 on all seven linears, as the paper's setup
@@ -57,7 +60,7 @@ class BenchConfig:
 
 def make_model(cfg, device, dtype):
     """Random weights straight on the device: meta -> to_empty -> init in place."""
-    args = ModelArgs(**PRESETS[cfg.preset])
+    args = model_args(cfg.init) if cfg.init else ModelArgs(**PRESETS[cfg.preset])
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=device).to(dtype).init_weights(0)
@@ -229,7 +232,7 @@ def main(argv):
     device = torch.device("cuda" if use_cuda else "cpu")
     dtype = torch.bfloat16 if use_cuda else torch.float32
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if use_cuda else 'CPU'}, "
-          f"preset {cfg.preset}, seq_len {cfg.seq_len}, batch {cfg.batch_size}, LoRA r{cfg.lora_rank}")
+          f"{'init ' + cfg.init if cfg.init else 'preset ' + cfg.preset}, seq_len {cfg.seq_len}, batch {cfg.batch_size}, LoRA r{cfg.lora_rank}")
     if cfg.data:
         bench_data(cfg)
     if not cfg.steps and not cfg.prefix:
@@ -263,4 +266,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, KeyError) as e:  # a bad --init folder: a message, not a traceback
+        sys.exit(f"error: {e}")

@@ -11,6 +11,9 @@ pool (split "train") and a test set (split "test"):
     {task}/train.jsonl + {task}/test.jsonl           the built-in suite: data/suite/eval/ (data.ensure_suite)
     {task}_{k}_{seed}_train.jsonl + ..._test.jsonl   MetaICL's files; pass one seed's pair per task
 
+MetaICL's settings (--setting=config/{setting}.json, --tasks=its data folder): the "test" tasks,
+for seed s the test set {task}_16_{s}_test.jsonl and the pool the largest {task}_{k}_{s}_train.jsonl.
+
 For each k and seed the demonstrations are the first k of np.random.default_rng(seed).permutation
 of the pool ("max": as many as fit in seq_len, leaving room for the task's longest test query and
 answer), the same for every query of the task (MetaICL), packed by data.pack: the function that
@@ -45,7 +48,6 @@ from sample import generate, new_cache, score_options
 from suite import SUITE_DIR, ensure_suite
 
 # ----------------------------------------------------------------------------- metrics
-
 
 def rouge_tokens(text):
     # the rouge-score package's default tokenizer: lowercase, non-alphanumeric runs -> space, no stemming
@@ -93,7 +95,6 @@ def macro_f1(predictions, golds):
 
 # ----------------------------------------------------------------------------- prompts
 
-
 def query_input(query, n_demos):
     """A query's tokens as pack() places them: right after <s>, or after an example separator."""
     return query.first_input if n_demos == 0 else query.input
@@ -122,7 +123,6 @@ def draw_demos(pool, k, seed, seq_len, room, shots="random"):
 
 
 # ----------------------------------------------------------------------------- evaluation
-
 
 def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tokens, option_score="sum"):
     """Metrics of every query (raw example, Encoded) after one set of demonstrations, and how many
@@ -159,27 +159,29 @@ def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tok
     return dict(metrics, shots=len(demos), prefix_tokens=len(prefix), n=len(queries), samples=samples), stats
 
 
+def encode_eval_task(name, pool, examples, tok, seq_len, max_test=None):
+    """(pool of Encoded, test queries as (example, Encoded)). Queries too long for seq_len even
+    with no demonstrations are dropped, with a note."""
+    if pool == examples:  # a file without a split would serve as both
+        raise ValueError(f"task '{name}': the same examples would be demonstrations and test set; give it train and test files")
+    if len({bool(ex["options"]) for ex in examples}) > 1:
+        raise ValueError(f"task '{name}': some test examples have options and some do not")
+    queries = [(ex, data.encode_example(tok, ex)) for ex in examples[:max_test]]
+    fits = [(ex, q) for ex, q in queries if 1 + answer_room([q], 0) <= seq_len and 1 + answer_room([q], 1) <= seq_len]
+    if len(fits) < len(queries):
+        print(f"note: task '{name}': {len(queries) - len(fits)} test queries longer than seq_len={seq_len} left out")
+    if not fits:
+        raise ValueError(f"task '{name}': no test query fits in seq_len={seq_len}")
+    return [data.encode_example(tok, ex) for ex in pool], fits
+
+
 def load_eval_tasks(paths, tok, seq_len, max_test=None):
-    """task -> (pool of Encoded, test queries as (example, Encoded)). Queries too long for seq_len
-    even with no demonstrations are dropped, with a note."""
+    """task -> (pool, test queries): one pool and one test set per task, for every seed."""
     pools, tests = data.load_tasks(paths, split="train"), data.load_tasks(paths, split="test")
     for name in sorted(set(pools) - set(tests)):
         print(f"note: task '{name}' has demonstrations but no test split: left out")
-    tasks = {}
-    for name, examples in tests.items():
-        if pools.get(name) == examples:  # a file without a split would serve as both
-            raise ValueError(f"task '{name}': the same examples would be demonstrations and test set; "
-                             f"give it train and test files")
-        if len({bool(ex["options"]) for ex in examples}) > 1:
-            raise ValueError(f"task '{name}': some test examples have options and some do not")
-        queries = [(ex, data.encode_example(tok, ex)) for ex in examples[:max_test]]
-        fits = [(ex, q) for ex, q in queries if 1 + answer_room([q], 0) <= seq_len and 1 + answer_room([q], 1) <= seq_len]
-        if len(fits) < len(queries):
-            print(f"note: task '{name}': {len(queries) - len(fits)} test queries longer than seq_len={seq_len} left out")
-        if not fits:
-            raise ValueError(f"task '{name}': no test query fits in seq_len={seq_len}")
-        tasks[name] = ([data.encode_example(tok, ex) for ex in pools.get(name, [])], fits)
-    return tasks
+    return {name: encode_eval_task(name, pools.get(name, []), examples, tok, seq_len, max_test)
+            for name, examples in tests.items()}
 
 
 def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_tokens=32, shots="random",
@@ -188,13 +190,17 @@ def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_
     caches = {name: new_cache(m, seq_len + batch_tokens) for name, m in models.items()}
     timing = {name: dict(seconds=0.0, tokens_forwarded=0, tokens_uncached=0) for name in models}
     results, bar = {}, tqdm(total=len(tasks) * len(ks) * len(seeds) * len(models), desc="eval", unit="prompt")
-    for task, (pool, queries) in tasks.items():
-        options = bool(queries[0][0]["options"])
+    for task, by_seed in tasks.items():  # (pool, queries) for every seed, or seed -> (pool, queries, pool file)
+        by_seed = by_seed if isinstance(by_seed, dict) else {s: (*by_seed, None) for s in seeds}
+        options = bool(by_seed[seeds[0]][1][0][0]["options"])
+        sizes = [{str(s): len(v[i]) for s, v in by_seed.items()} for i in (0, 1)]  # one number if the seeds agree
+        n_pool, n_test = (next(iter(c.values())) if len(set(c.values())) == 1 else c for c in sizes)
         entry = results[task] = dict(kind="options" if options else "free-form", metric="accuracy" if options else "rouge_l",
-                                     n_pool=len(pool), n_test=len(queries), k={})
+                                     n_pool=n_pool, n_test=n_test, k={})
         for k in ks:
-            draws = {s: draw_demos(pool, k, s, seq_len, answer_room([q for _, q in queries], k), shots) for s in seeds}
-            why = next((why for _, why in draws.values() if why), None)
+            draws = {s: draw_demos(pool, k, s, seq_len, answer_room([q for _, q in queries], k), shots)
+                     for s, (pool, queries, _) in by_seed.items()}
+            why = next((why + (f" ({by_seed[s][2]})" if by_seed[s][2] else "") for s, (_, why) in draws.items() if why), None)
             if why:  # every seed or none, so mean and worst are over the same seeds for every k
                 tqdm.write(f"note: task '{task}': {why}: skipped")
                 entry["k"][str(k)] = dict(skipped=why)
@@ -205,7 +211,7 @@ def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_
                 runs = {}
                 for s in seeds:
                     t0 = time.perf_counter()
-                    runs[str(s)], stats = evaluate_prompt(model, caches[name], draws[s][0], queries, tok, batch_tokens,
+                    runs[str(s)], stats = evaluate_prompt(model, caches[name], draws[s][0], by_seed[s][1], tok, batch_tokens,
                                                           max_new_tokens, option_score)
                     timing[name]["seconds"] += time.perf_counter() - t0
                     for key in stats:
@@ -236,7 +242,6 @@ def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_
 
 
 # ----------------------------------------------------------------------------- forgetting
-
 
 @torch.inference_mode()
 def perplexity(model, ids, length, bos_id):
@@ -273,7 +278,6 @@ def forgetting(models, tok, path, lengths):
 
 # ----------------------------------------------------------------------------- report
 
-
 def print_tables(results, names):
     print("\nk-shot on held-out tasks: macro-average over tasks of the main metric (accuracy for "
           "option tasks, ROUGE-L for free-form), mean and worst over seeds")
@@ -284,6 +288,8 @@ def print_tables(results, names):
     for k, row in results["summary"].items():
         fmt = lambda v: f"{v:14.4f}" if v is not None else f"{'-':>14}"
         print(f"{k:>6} {row[names[0]]['n_tasks']:>5}" + "".join(f" {fmt(row[n][c])}" for n in names for c in cols))
+    print("".join(f"  task '{t}', k={k}: skipped: {r['skipped']}\n" for t, e in results["tasks"].items()  # never silent
+                  for k, r in e["k"].items() if "skipped" in r), end="")
     if results.get("perplexity"):
         print(f"\nperplexity of {results['settings']['ppl_file']}")
         print(f"{'length':>7} {'windows':>7} {'tokens':>9}" + "".join(f" {n + ' ppl':>12}" for n in names))
@@ -324,7 +330,9 @@ def parse_ints(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out", help="an out_dir (its newest complete checkpoint) or a ckpt-* folder")
-    p.add_argument("--tasks", nargs="+", help="held-out task files/folders (default: the config's eval_data)")
+    p.add_argument("--tasks", nargs="+", help="held-out task files/folders (default: the config's eval_data); "
+                   "with --setting, the MetaICL data folder (default: the config's data)")
+    p.add_argument("--setting", help="MetaICL's config/{setting}.json: score its \"test\" tasks with their per-seed files")
     p.add_argument("--ks", type=parse_ks, help="k sweep, e.g. 0,1,4,16,64,256,max (default: that; 0,1,4,16,64,max for the built-in suite)")
     p.add_argument("--seeds", type=parse_ints, help="demonstration seeds (default: 100,13,21,42,87; 100,13,21 for the built-in suite)")
     p.add_argument("--seq_len", type=int, help="context for prompts (default: the config's seq_len)")
@@ -351,9 +359,13 @@ def main(argv=None):
     seq_len = a.seq_len or config["seq_len"]
     if trained.args.max_seq_len is not None and seq_len > trained.args.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is above the model's max_seq_len={trained.args.max_seq_len}")
-    # a run on the built-in suite is scored on its held-out families; any other on the config's eval_data
-    task_paths = a.tasks or ([os.path.join(SUITE_DIR, "eval")] if config.get("data") in ("suite", "generic")
-                             else (config.get("eval_data") or os.path.join(SUITE_DIR, "eval")).split(","))
+    # a run on the built-in suite is scored on its held-out families; with --setting on the data
+    # folder it trained on; any other on the config's eval_data
+    suite_run = config.get("data") in ("suite", "generic")
+    task_paths = a.tasks or ([os.path.join(SUITE_DIR, "eval")] if suite_run and not a.setting else
+                             ((config.get("data") if a.setting else config.get("eval_data")) or "data/suite/eval").split(","))
+    if a.setting and len(task_paths) != 1:
+        raise ValueError(f"--setting takes one MetaICL data folder in --tasks, got {len(task_paths)}: {' '.join(task_paths)}")
     builtin = any((os.path.abspath(t) + os.sep).startswith(SUITE_DIR + os.sep) for t in task_paths)
     if builtin:
         ensure_suite()
@@ -361,11 +373,18 @@ def main(argv=None):
     seeds = a.seeds or parse_ints("100,13,21" if builtin else "100,13,21,42,87")
     if a.ppl_file and not os.path.isfile(a.ppl_file):  # before the sweep, not after it
         raise FileNotFoundError(f"{a.ppl_file}: no such text file for --ppl_file")
-    print(f"evaluating {config['checkpoint']} on {', '.join(task_paths)}: k={ks}, seeds={seeds}, seq_len={seq_len}")
+    print(f"evaluating {config['checkpoint']} on {', '.join(task_paths)}{' setting ' + a.setting if a.setting else ''}: "
+          f"k={ks}, seeds={seeds}, seq_len={seq_len}")
 
-    tasks = load_eval_tasks(task_paths, tok, seq_len, a.max_test)
+    if a.setting:  # each seed its own pool and test set: task -> seed -> (pool, queries, pool file)
+        read = lambda name, pool, test: encode_eval_task(name, data.read_examples(pool), data.read_examples(test), tok,
+                                                         seq_len, a.max_test)
+        tasks = {name: {s: (*read(name, pool, test), pool) for s, (pool, test) in files.items()}
+                 for name, files in data.setting_eval_files(task_paths[0], a.setting, seeds).items()}
+    else:
+        tasks = load_eval_tasks(task_paths, tok, seq_len, a.max_test)
     results = dict(checkpoint=config["checkpoint"], config=config,
-                   settings=dict(tasks=task_paths, ks=[str(k) for k in ks], seeds=seeds, seq_len=seq_len,
+                   settings=dict(tasks=task_paths, setting=a.setting, ks=[str(k) for k in ks], seeds=seeds, seq_len=seq_len,
                                  max_test=a.max_test, batch_tokens=a.batch_tokens, max_new_tokens=a.max_new_tokens,
                                  device=a.device, dtype=dtype_name, ppl_file=a.ppl_file, shots=a.shots,
                                  option_score=a.option_score),

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import find_checkpoints, load_model, model_args, tokenizer_file, unreadable, write_checkpoint
 from configurator import parse_config
-from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, collate, encode_tasks, load_tasks
+from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, collate, encode_tasks, load_tasks, read_setting, setting_file
 from lora import apply_lora, load_lora
 from memory import checkpointing_mode, flops_per_token, peak_flops
 from model import PRESETS, ModelArgs, Transformer, dtype_named, sdpa_backend
@@ -39,6 +39,8 @@ class TrainConfig:
     preset: str = "nano"               # model shape when init=scratch
     data: str = "suite"                # "suite": a fresh built-in task per sequence; "generic": plays, songs, stories for LM
                                        # pre-training (every token a target); or MetaICL JSONL files/folders
+    setting: str = ""                  # MetaICL's config/{setting}.json (e.g. hr_to_lr): train on its "train" tasks,
+                                       # {data}/{task}/{task}_16384_100_train.jsonl each ("" = every task in `data`)
     families: str = ""                 # suite families to train on, comma-separated ("" = data.HELD_IN)
     eval_data: str = "data/suite/dev"  # tasks for the validation loss ("" = none); the suite's dev families by default
     tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
@@ -107,6 +109,22 @@ def base_model_args(cfg, vocab_size):
     return ModelArgs(**{**PRESETS[cfg.preset], "vocab_size": vocab_size})
 
 
+def trim_log(path, step):
+    """Keep the log lines of steps up to `step` (the resumed one; 0 for a fresh start), so the steps
+    run again after a kill are logged once. Rewritten atomically."""
+    def kept(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            return False
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [l.rstrip("\n") + "\n" for l in f if kept(l)]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+
+
 def main(argv):
     cfg = parse_config(argv, TrainConfig)
 
@@ -130,6 +148,8 @@ def main(argv):
         raise ValueError(f"grad_accum={cfg.grad_accum} (total micro-steps) is not divisible by world size {world}")
     if cfg.loss_mask not in ("all", "last", "none"):
         raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
+    if cfg.setting and cfg.data in ("suite", "generic"):
+        raise ValueError(f"setting={cfg.setting} needs data=<MetaICL data folder> (holding {{task}}/{{task}}_16384_100_train.jsonl)")
     if cfg.shots not in ("random", "stratified"):
         raise ValueError(f"shots must be random or stratified; got '{cfg.shots}'")
     micro_steps = cfg.grad_accum // world
@@ -150,8 +170,10 @@ def main(argv):
     elif cfg.data == "generic":  # language-model pre-training on fresh generic stories
         sampler = GenericSampler(tok, cfg.seq_len, cfg.seed)
         about_data = "generic text: fresh stories, every token a target"
-    else:
-        train_tasks, skipped = encode_tasks(load_tasks(cfg.data.split(","), split="train"), tok, cfg.seq_len)
+    else:  # MetaICL's training files: those of a setting's "train" tasks, or every file given
+        files = ([setting_file(cfg.data, t, 16384, 100, "train") for t in read_setting(cfg.setting, "train")]
+                 if cfg.setting else cfg.data.split(","))
+        train_tasks, skipped = encode_tasks(load_tasks(files, split="train"), tok, cfg.seq_len)
         sampler = TrainSampler(train_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed, cfg.task_temperature,
                                max_shots, cfg.shots)
         about_data = (f"{len(train_tasks)} training tasks, {sum(map(len, train_tasks.values()))} examples "
@@ -260,6 +282,7 @@ def main(argv):
     peak = peak_flops(device)
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        trim_log(os.path.join(cfg.out_dir, "log.jsonl"), step)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None  # one JSON object per step
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
@@ -332,5 +355,8 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # a message, not a traceback
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):  # end the progress bar's line: the message gets its own
+            bar.close()
         where = traceback.extract_tb(e.__traceback__)[-1]
         sys.exit(f"error: {e}  [{os.path.basename(where.filename)}:{where.lineno}]")

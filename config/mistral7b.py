@@ -1,9 +1,11 @@
 # The paper's setup: Mistral-7B-v0.3, LoRA r16/alpha32 on all seven linears, 32K-token sequences,
 # per-device batch 1, global batch 32 (8 GPUs x 4 micro-steps), bf16, activation checkpointing.
-#   torchrun --standalone --nproc_per_node 8 train.py config/mistral7b.py --data=path/to/train_tasks
+#   torchrun --standalone --nproc_per_node 8 train.py config/mistral7b.py
 # Learning rate, schedule and step count are not given by the paper: these are our defaults.
 init = "checkpoints/Mistral-7B-v0.3"     # params.json + consolidated.safetensors, or an HF folder
-data = "data/metaicl/train"              # MetaICL JSONL of the held-in tasks
+data = "data/metaicl"                    # MetaICL's data folder: {task}/{task}_{k}_{seed}_{split}.jsonl
+setting = "config/hr_to_lr.json"         # copy MetaICL's config/hr_to_lr.json here: trains on its "train" tasks;
+                                         # eval.py --tasks=data/metaicl --setting=config/hr_to_lr.json scores its "test" ones
 eval_data = ""                           # held-out tasks for the validation loss, if any
 out_dir = "out-mistral7b"
 seq_len = 32768

@@ -149,6 +149,15 @@ def test_clear_errors(tmp_path, tok):
         checkpoints.load_models(str(out), "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("flag,message", [("--k=-1", "--k=-1: must be at least 0"),
+                                          ("--temperature=-0.5", "--temperature=-0.5: must be at least 0"),
+                                          ("--top_k=0", "--top_k=0: must be at least 1")])
+def test_bad_sampling_values_are_refused(tmp_path, capsys, flag, message):
+    with pytest.raises(SystemExit) as e:  # before any checkpoint is read
+        sample.main(["--ckpt", str(tmp_path / "nowhere"), "--demos", "d.jsonl", "--prompt", "x", flag])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_scratch_base_is_the_untrained_init(tmp_path, tok):
     out, _ = fake_checkpoint(tmp_path, tok)
     base, trained, _, config = checkpoints.load_models(str(out), "cpu", torch.float32)
