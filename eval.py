@@ -8,7 +8,7 @@ forgetting check (perplexity of a long text at several context lengths).
 
 Held-out tasks (--tasks: files and/or folders, read by data.load_tasks) each need a demonstration
 pool (split "train") and a test set (split "test"):
-    {task}/train.jsonl + {task}/test.jsonl           the built-in suite: data/suite/eval/ (data.ensure_suite)
+    {task}/train.jsonl + {task}/test.jsonl           the built-in suite: data/suite/eval/ (suite.ensure_suite)
     {task}_{k}_{seed}_train.jsonl + ..._test.jsonl   MetaICL's files; pass one seed's pair per task
 
 MetaICL's settings (--setting=config/{setting}.json, --tasks=its data folder): the "test" tasks,

@@ -164,7 +164,7 @@ def load_lora(model, path):
 
 def merge_lora(model):
     """Fold every adapter into its base weight and put plain nn.Linear modules back, so the model
-    is a plain Transformer again (same state-dict keys; save_pretrained writes it as such)."""
+    is a plain Transformer again (same state-dict keys; checkpoints.save_model writes it as such)."""
     require_lora(model, "merge_lora")
     for layer in model.layers:
         for t in ALL_TARGETS:

@@ -41,7 +41,7 @@ class TrainConfig:
                                        # pre-training (every token a target); or MetaICL JSONL files/folders
     setting: str = ""                  # MetaICL's config/{setting}.json (e.g. hr_to_lr): train on its "train" tasks,
                                        # {data}/{task}/{task}_16384_100_train.jsonl each ("" = every task in `data`)
-    families: str = ""                 # suite families to train on, comma-separated ("" = data.HELD_IN)
+    families: str = ""                 # suite families to train on, comma-separated ("" = suite.HELD_IN)
     eval_data: str = "data/suite/dev"  # tasks for the validation loss ("" = none); the suite's dev families by default
     tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
     out_dir: str = "out"
@@ -163,7 +163,7 @@ def main(argv):
     max_shots = cfg.max_shots or None
     if cfg.data == "suite" or cfg.eval_data == TrainConfig.eval_data:
         ensure_suite()  # generated once, a few seconds
-    if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (data.SuiteSampler)
+    if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (suite.SuiteSampler)
         families = cfg.families.split(",") if cfg.families else HELD_IN
         sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, max_shots, families, cfg.shots)
         about_data = "built-in suite: a fresh task instance per sequence"
