@@ -84,7 +84,7 @@ def train(setup, out, nproc=1, record=None, **kw):
     root = setup["root"]
     cfg = dict(init=root / "base", tokenizer=setup["tok"].path, data=root / "tasks", eval_data=root / "eval",
                out_dir=out, seq_len=64, batch_size=2, grad_accum=2, max_steps=1, warmup_steps=1, lr=1e-2,
-               eval_interval=1, eval_sequences=3, log_interval=1, ckpt_interval=100, seed=5)
+               eval_interval=1, eval_sequences=3, log_interval=1, ckpt_interval=100, seed=5, device="cpu")
     cfg.update(kw)
     script = "train.py"
     if record:
@@ -181,17 +181,17 @@ def test_step_is_the_token_weighted_mean_over_the_global_batch(setup, tmp_path, 
         if seed == 5:
             assert all(len(m) == n // nproc for m in mine.values()), mine
     loss, norm, weights, counts = reference_step(setup, mask, batch_size * grad_accum)
-    if mask != "none":  # micro-batches of uneven target counts (else a mean of means would be right)
+    if mask != "none":  # micro-batches of uneven target counts: a mean of micro-batch means would differ
         per_micro = [sum(counts[m * batch_size:(m + 1) * batch_size]) for m in range(grad_accum)]
         assert len(set(per_micro)) > 1, per_micro
     assert len(log) == 1 and log[0]["step"] == 1
     assert log[0]["loss"] == pytest.approx(loss, rel=1e-5)
     assert log[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
-    assert norm > 1.0  # clipped: the weights below still see each element's sign and share
+    assert norm > 1.0  # clipping is exercised (it rescales the whole gradient: Adam's first step does not see it)
     got = load_file(os.path.join(out, "ckpt-000001", "consolidated.safetensors"))
     assert got.keys() == weights.keys()
     worst = max((got[k] - weights[k]).abs().max().item() for k in got)
     print(f"loss {loss:.5f} grad_norm {norm:.4f} worst weight diff {worst:.2e} targets {counts}")
-    assert worst < 1e-3, worst  # AdamW's first step moves each weight by ~lr=1e-2 times the sign of its gradient
+    assert worst < 1e-3, worst  # AdamW's first step moves each weight by ~lr=1e-2 times its gradient's sign
     val = reference_val_loss(setup, os.path.join(out, "ckpt-000001"), mask, 3)
     assert log[0]["val_loss"] == pytest.approx(val, rel=1e-5)
