@@ -229,12 +229,11 @@ def test_perplexity_memorised_and_random(tok):
     # against a hand loop: each window <s> + 10 tokens of the text, every token scored from full
     # logits; the tail shorter than a window left out
     text = ids * 5
-    nll, n = 0.0, 0
-    for w in range(len(text) // 10):
-        window = [tok.bos_id] + text[w * 10:(w + 1) * 10]
-        logp = torch.log_softmax(tiny_model(tok, seed=3)(torch.tensor(window)[None])[0].double(), dim=-1)
-        nll -= sum(logp[t, window[t + 1]].item() for t in range(10))
-        n += 10
+    windows = torch.tensor([[tok.bos_id] + text[w * 10:(w + 1) * 10] for w in range(len(text) // 10)])
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_model(tok, seed=3)(windows).double(), dim=-1)  # (windows, 11, vocab)
+    nll = -sum(logp[w, t, windows[w, t + 1]].item() for w in range(len(windows)) for t in range(10))
+    n = 10 * len(windows)
     assert r["tokens"] == n and r["nll"] == pytest.approx(nll / n, rel=1e-5)
     assert r["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
     trained = tiny_model(tok)
