@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model import (KVCache, ModelArgs, Transformer, flops_per_token, native_rows_to_hf, hf_rows_to_native)
 
@@ -166,7 +166,6 @@ def test_load_to_dtype_and_no_random_init(tmp_path):
     m = Transformer.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
     # the values are the file's, rounded once to bf16: no random init, no tensor under another name
-    from safetensors.torch import load_file
     saved = load_file(os.path.join(str(tmp_path), "consolidated.safetensors"))
     loaded = m.state_dict()
     assert loaded.keys() == saved.keys()
