@@ -214,6 +214,7 @@ def main(argv):
     else:
         model = load_model(cfg.init, device, weights_dtype)
     if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)  # LoRA's A is drawn from torch's global RNG: a function of the seed, like the rest
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
         if resume:
             load_lora(model, os.path.join(resume, "lora.safetensors"))

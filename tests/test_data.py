@@ -117,6 +117,26 @@ def test_load_tasks_layouts(tmp_path):
     assert {k: len(v) for k, v in load_tasks(str(tmp_path / "folders"), split="test").items()} == {"rte": 1}
 
 
+def test_metaicl_names_with_underscores_and_every_split(tmp_path):
+    """MetaICL's {task}_{k}_{seed}_{split}.jsonl: task names hold underscores (ag_news,
+    poem_sentiment, ...), and each of train, dev and test is its own split: a test file must never
+    be read as a task of its own (it would be trained on)."""
+    sizes = {"train": 3, "dev": 2, "test": 1}
+    for task in ("ag_news", "poem_sentiment", "sst2"):
+        for split, n in sizes.items():
+            rows = [json.dumps({"input": f"{task} {split} {i}", "output": "b"}) + "\n" for i in range(n)]
+            write(tmp_path / "meta" / f"{task}_16_100_{split}.jsonl", "".join(rows))
+    write(tmp_path / "folders" / "rte" / "dev.jsonl", '{"input": "rte dev", "output": "b"}\n')
+    for split, n in sizes.items():
+        tasks = load_tasks([str(tmp_path / "meta"), str(tmp_path / "folders")], split=split)
+        expected = {"ag_news": n, "poem_sentiment": n, "sst2": n, **({"rte": 1} if split == "dev" else {})}
+        assert {k: len(v) for k, v in tasks.items()} == expected, split
+        assert all(ex["input"].split()[:2] == [task, split] for task in ("ag_news", "poem_sentiment", "sst2")
+                   for ex in tasks[task])
+    with pytest.raises(ValueError, match="task 'ag_news' comes from two files"):  # no split: all three are ag_news
+        load_tasks(str(tmp_path / "meta"))
+
+
 @pytest.mark.parametrize("content,message", [
     ('{"input": "a", "output": "b"}\n{"input": "a", "output": \n', r"bad.jsonl:2: malformed JSON"),
     ('{"input": "a"}\n', r"bad.jsonl:1: missing 'output'"),

@@ -1,5 +1,6 @@
 import itertools
 import json
+import math
 import os
 import shutil
 
@@ -143,6 +144,37 @@ def test_option_rules_rank_by_summed_or_mean_span_loss(tok):
         assert res["accuracy"] == res[f"accuracy_{rule}"]
 
 
+def span_nll(model, prompt, answer):
+    """Summed NLL of `answer` after `prompt`, by hand: one plain forward, log_softmax, a loop."""
+    logp = torch.log_softmax(model(torch.tensor(prompt + answer)[None])[0].double(), dim=-1)
+    return -sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(answer))
+
+
+def test_option_rules_pick_per_query_where_they_disagree(tok):
+    """Options of one token and of many: their summed loss favours the short one, their mean per
+    token need not. Each query's prediction under each rule must be the argmin of a hand-computed
+    summed (or per-token mean) NLL of "⏎ option ⏎"; the data are chosen so the rules disagree."""
+    model = random_model(tok, seed=4)
+    options = ["no", "the big red dog ran far away on a mat", "maybe so"]
+    pool = [encode_example(tok, e) for e in examples(6, options=True, seed=1)]
+    raw = [dict(ex, options=options, output=options[i % 3]) for i, ex in enumerate(examples(10, options=True, seed=5))]
+    queries = [(ex, encode_example(tok, ex)) for ex in raw]
+    prefix = pack(pool[:3], tok.bos_id)[0]
+    cache, disagree = sample.new_cache(model, 1024), 0
+    for ex, q in queries:
+        spans = [q.options[i] for i in range(len(options))]
+        nll = np.array([span_nll(model, prefix + ev.query_input(q, 3), y) for y in spans])
+        want = {"sum": options[int(np.argmin(nll))], "mean": options[int(np.argmin(nll / [len(y) for y in spans]))]}
+        disagree += want["sum"] != want["mean"]
+        for rule in ("sum", "mean"):
+            res, _ = ev.evaluate_prompt(model, cache, pool[:3], [(ex, q)], tok, 64, 4, option_score=rule)
+            assert res["samples"][0]["prediction"] == want[rule], (ex["input"], rule)
+            assert res["accuracy"] == float(want[rule] == ex["output"])
+            assert res["accuracy_sum"] == float(want["sum"] == ex["output"])
+            assert res["accuracy_mean"] == float(want["mean"] == ex["output"])
+    assert 2 <= disagree <= len(queries) - 2, disagree  # the two rules differ on some queries, not all
+
+
 def test_stratified_demonstrations(tok):
     pool = [encode_example(tok, dict(input=str(i), output="yes" if i % 5 else "no", options=["yes", "no"])) for i in range(40)]
     demos, _ = ev.draw_demos(pool, 8, 13, 10_000, 5, shots="stratified")
@@ -196,6 +228,23 @@ def test_perplexity_memorised_and_random(tok):
     assert r["windows"] == len(ids) * 5 // 10 and r["tokens"] == 10 * r["windows"]
     assert abs(r["ppl"] / tok.vocab_size - 1) < 0.2
     assert r["ppl"] == pytest.approx(np.exp(r["nll"]))
+    # against a hand loop: each window <s> + 10 tokens of the text, every token scored from full
+    # logits; the tail shorter than a window left out
+    text = ids * 5
+    windows = torch.tensor([[tok.bos_id] + text[w * 10:(w + 1) * 10] for w in range(len(text) // 10)])
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_model(tok, seed=3)(windows).double(), dim=-1)  # (windows, 11, vocab)
+    nll = -sum(logp[w, t, windows[w, t + 1]].item() for w in range(len(windows)) for t in range(10))
+    n = 10 * len(windows)
+    assert r["tokens"] == n and r["nll"] == pytest.approx(nll / n, rel=1e-5)
+    assert r["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    trained = tiny_model(tok)
+    overfit(trained, [tok.bos_id] + ids[:20], steps=30)  # far from uniform: a wrong position or window shows
+    r = ev.perplexity(trained, ids * 2, 21, tok.bos_id)
+    windows = [[tok.bos_id] + (ids * 2)[w * 20:(w + 1) * 20] for w in range(len(ids) * 2 // 20)]
+    with torch.no_grad():
+        nll = [-torch.log_softmax(trained(torch.tensor(x)[None])[0].double(), -1)[range(20), x[1:]].sum().item() for x in windows]
+    assert r["windows"] == len(windows) and r["nll"] == pytest.approx(sum(nll) / (20 * len(windows)), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- end to end

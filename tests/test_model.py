@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from checkpoints import hf_rows_to_native, load_model, native_rows_to_hf, read_params_json, save_model
 from memory import flops_per_token
@@ -167,6 +167,13 @@ def test_load_to_dtype_and_no_random_init(tmp_path):
     write_native(tiny_model(), str(tmp_path))
     m = load_model(str(tmp_path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
+    # the values are the file's, rounded once to bf16: no random init, no tensor under another name
+    saved = load_file(os.path.join(str(tmp_path), "consolidated.safetensors"))
+    loaded = m.state_dict()
+    assert loaded.keys() == saved.keys()
+    for k, v in saved.items():
+        assert torch.equal(loaded[k], v.to(torch.bfloat16)), k
+    assert len({v.to(torch.bfloat16).sum().item() for v in saved.values()}) > 1  # the tensors really differ
 
 
 def test_save_pretrained_round_trip(tmp_path):

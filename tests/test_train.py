@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from checkpoints import load_model, save_model
@@ -39,8 +40,25 @@ def run(args, nproc=1, check=True, **popen):
     return p
 
 
-def losses(out):
-    return [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))]
+def losses(out, key="loss"):
+    return [json.loads(l).get(key) for l in open(os.path.join(out, "log.jsonl"))]
+
+
+def optimizer_state(out, step):
+    return torch.load(os.path.join(out, f"ckpt-{step:06d}", "state.pt"), weights_only=True)
+
+
+def assert_same_optimizer_state(a, b, atol):
+    """AdamW's step count and both moments of every parameter, and the step saved beside them."""
+    assert a["step"] == b["step"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for k in sa[i]:
+            worst = (sa[i][k].double() - sb[i][k].double()).abs().max().item()
+            assert worst <= atol * (1 if k != "exp_avg_sq" else 1e-3), (i, k, worst)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
 def final_weights(out):
@@ -61,6 +79,11 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(suite, tmp_path):
     assert "world size 2, 1 micro-steps" in p.stdout
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
     assert_same_weights(final_weights(one), final_weights(two), atol=1e-5)
+    # the gradient itself (AdamW and clipping would hide a wrong scale) and the validation loss
+    # over both ranks' shards, at steps 2 and 3
+    assert losses(one, "grad_norm") == pytest.approx(losses(two, "grad_norm"), rel=1e-4)
+    assert losses(one, "val_loss")[1:] == pytest.approx(losses(two, "val_loss")[1:], rel=1e-5)
+    assert None not in losses(two, "val_loss")[1:]
     # grad_accum is the global count: a world size that does not divide it is a clear error
     p = run(common(suite, str(tmp_path / "bad"), grad_accum=3), nproc=2, check=False)
     assert p.returncode != 0 and "grad_accum=3 (total micro-steps) is not divisible by world size 2" in p.stderr
@@ -75,6 +98,7 @@ def test_resume_is_exact(suite, tmp_path):
     assert losses(resumed)[3:] == pytest.approx(losses(straight)[3:], abs=1e-6)
     assert_same_weights(final_weights(straight), final_weights(resumed), atol=1e-6)
     assert sorted(os.listdir(resumed)) == ["ckpt-000003", "ckpt-000006", "log.jsonl"]  # keep_last=2, no .tmp left
+    assert_same_optimizer_state(optimizer_state(straight, 6), optimizer_state(resumed, 6), atol=1e-6)
 
 
 def test_sigterm_writes_loadable_checkpoint(suite, tmp_path):
@@ -119,6 +143,36 @@ def test_lora_on_pretrained_checkpoint_trains_only_adapter(suite, tmp_path):
     assert not os.path.exists(os.path.join(ckpt, "consolidated.safetensors"))  # no base weights saved
     p = run(common(suite, str(tmp_path / "long"), init=base_dir, lora_rank=4, seq_len=1024), check=False)
     assert "seq_len=1024 exceeds the model's max_seq_len=512" in p.stderr
+
+
+def tiny_base(base_dir):
+    args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                     norm_eps=1e-5, vocab_size=1024, rope_theta=1e6, max_seq_len=512)
+    Transformer(args).init_weights(3).save_pretrained(base_dir)
+    return base_dir
+
+
+def test_lora_resume_is_exact(suite, tmp_path):
+    """Stopped after 2 steps and rerun to 4: the adapter, AdamW's state and the losses equal a
+    straight run's (the base is frozen, so only these carry the run). The adapter's random init
+    is a function of the seed, so the two runs' first steps are the same too."""
+    base_dir = tiny_base(str(tmp_path / "base"))
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    lora = dict(init=base_dir, lora_rank=4, lora_alpha=8, lr=1e-2, max_steps=4, lr_decay_steps=4, eval_interval=100,
+                ckpt_interval=2)
+    run(common(suite, straight, **lora))
+    run(common(suite, resumed, **{**lora, "max_steps": 2}))
+    assert losses(resumed) == losses(straight)[:2]  # step 2 depends on lora_A's init: same seed, same A
+    a, b = (load_file(os.path.join(out, "ckpt-000002", "lora.safetensors")) for out in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    p = run(common(suite, resumed, **lora))
+    assert "resuming from" in p.stdout and "ckpt-000002" in p.stdout
+    assert losses(resumed)[2:] == pytest.approx(losses(straight)[2:], abs=1e-6)
+    assert losses(resumed, "grad_norm")[2:] == pytest.approx(losses(straight, "grad_norm")[2:], rel=1e-5)
+    a, b = (load_file(os.path.join(out, "ckpt-000004", "lora.safetensors")) for out in (straight, resumed))
+    assert_same_weights(a, b, atol=1e-6)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    assert_same_optimizer_state(optimizer_state(straight, 4), optimizer_state(resumed, 4), atol=1e-6)
 
 
 @pytest.mark.parametrize("args,message", [
