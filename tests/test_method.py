@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data
-from data import IGNORE, Tokenizer, TrainSampler, encode_tasks, train_tokenizer
+from checkpoints import load_model, save_model
+from data import IGNORE, Tokenizer, TrainSampler, encode_tasks
+from suite import train_tokenizer
 from model import ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +60,7 @@ def setup(tmp_path_factory):
     args = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
                      vocab_size=tok.vocab_size, rope_theta=1e4, max_seq_len=256)
     torch.manual_seed(0)
-    Transformer(args).init_weights(11).save_pretrained(str(root / "base"))
+    save_model(Transformer(args).init_weights(11), str(root / "base"))
     return dict(root=root, tasks=tasks, held=held, tok=tok)
 
 
@@ -130,7 +132,7 @@ def reference_step(setup, mask, global_batch, seed=5, lr=1e-2, grad_clip=1.0):
     tok = setup["tok"]
     encoded, _ = encode_tasks(setup["tasks"], tok, 64)
     sampler = TrainSampler(encoded, tok.bos_id, 64, mask, seed)
-    model = Transformer.from_pretrained(str(setup["root"] / "base"))
+    model = load_model(str(setup["root"] / "base"))
     total, count, counts = 0.0, 0, []
     for i in range(global_batch):
         tokens, targets = sampler.sequence(0, i)
@@ -154,7 +156,7 @@ def reference_val_loss(setup, ckpt, mask, n, seed=5):
     tok = setup["tok"]
     encoded, _ = encode_tasks({"held": setup["held"]}, tok, 64)
     sampler = TrainSampler(encoded, tok.bos_id, 64, mask, seed + 1)
-    model = Transformer.from_pretrained(ckpt)
+    model = load_model(ckpt)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(n):

@@ -148,7 +148,7 @@ def test_lora_on_pretrained_checkpoint_trains_only_adapter(suite, tmp_path):
 def tiny_base(base_dir):
     args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
                      norm_eps=1e-5, vocab_size=1024, rope_theta=1e6, max_seq_len=512)
-    Transformer(args).init_weights(3).save_pretrained(base_dir)
+    save_model(Transformer(args).init_weights(3), base_dir)
     return base_dir
 
 
