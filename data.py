@@ -105,6 +105,14 @@ def load_tasks(paths, split=None):
     return tasks
 
 
+def write_jsonl(path, rows):
+    """A task file, written atomically."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
 def read_setting(path, split):
     """The task names of one side ("train" or "test") of MetaICL's config/{setting}.json,
     {"train": [...], "test": [...]} (hr_to_lr, class_to_class, non_nli_to_nli, ...)."""

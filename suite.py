@@ -7,13 +7,12 @@ held-in ones. Generic text (plays, songs, stories) pre-trains the small base mod
 
     python suite.py      # write data/suite/ (train.py and eval.py do it when needed)
 """
-import json
 import os
 import shutil
 
 import numpy as np
 
-from data import EXAMPLE_SEPARATOR, build_sequence, targets_for
+from data import EXAMPLE_SEPARATOR, build_sequence, targets_for, write_jsonl
 
 SUITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "suite")
 # the suite is spelled in the vocabulary of the base model it fine-tunes (made by train_tokenizer below)
@@ -215,13 +214,6 @@ class SuiteSampler:
         examples = [dict(input=x, output=rule(x), options=options) for x in inputs]
         return build_sequence(examples, self.tok, self.max_len, self.loss_mask, seed=int(rng.integers(2**31)),
                               max_shots=self.max_shots, shots=self.shots)
-
-
-def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
 
 
 def balanced(rows, n):

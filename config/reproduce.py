@@ -4,6 +4,7 @@ The paper's claims on the built-in suite, every arm from the same base model:
     python config/reproduce.py                 # CPU route (reduced size, from assets/base-nano; 26 min on 2 cores)
     python config/reproduce.py --report        # only the tables and plots, from finished runs
     python config/reproduce.py --gpu           # GPU route: the full size, many runs at a time on one GPU
+    python config/reproduce.py --recall CKPT...  # a base model's recall in the task layout, by kind of key
 
 Arms (train.py's default recipe; only the flags below differ). Every arm runs the same steps of
 the same number of sequences, and the sampler seed gives mask-all and mask-last the very same
@@ -150,6 +151,36 @@ def curve(out, dest):
               open(f"{dest}/curve.json", "w"), indent=1)
 
 
+def recall(ckpts, n_seq=12):
+    """Recall in the task layout, by the kind of key: 10 key-answer pairs, then the same keys again
+    in a new order; top-1 on the first token of a repeated key's answer (answers: held-out English
+    words or numbers, n_seq sequences per kind). Prints one line per checkpoint."""
+    import torch
+    import data
+    import suite
+    from checkpoints import load_model
+    for ckpt in ckpts:
+        tok, model, rng = data.Tokenizer(os.path.join(ckpt, "tokenizer.model")), load_model(ckpt).eval(), np.random.default_rng(0)
+        kinds = {"nonce": lambda: suite.nonce_word(rng), "english": lambda: str(rng.choice(suite.ALL_WORDS)),
+                 "held-out english": lambda: str(rng.choice(suite.ENGLISH["test"])),
+                 "number": lambda: str(int(rng.integers(1000))),
+                 "held-out phrase": lambda: " ".join(rng.choice(suite.ENGLISH["test"], 2))}
+        line = []
+        for name, key in kinds.items():
+            hits = []
+            for s in range(n_seq):
+                keys = list(dict.fromkeys(key() for _ in range(30)))[:10]
+                answers = [str(rng.choice(suite.ENGLISH["test"])) if s % 2 else str(int(rng.integers(200, 1000))) for _ in keys]
+                order = list(range(len(keys))) + list(rng.permutation(len(keys)))
+                tokens, spans = data.pack([data.encode_example(tok, dict(input=keys[i], output=answers[i])) for i in order],
+                                          tok.bos_id)
+                with torch.no_grad():
+                    logits = model(torch.tensor(tokens)[None])[0]
+                hits += [int(logits[a].argmax()) == tokens[a + 1] for a, _ in spans[len(keys):]]  # a: the opening newline
+            line.append(f"{name} {np.mean(hits):.2f}")
+        print(f"{ckpt}: recall top-1 by key kind: " + ", ".join(line), flush=True)
+
+
 def mean_spread(values):
     v = np.array([x for x in values if x is not None], dtype=float)
     return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "–"
@@ -245,6 +276,9 @@ def plot(tables, ks, curves):
 if __name__ == "__main__":
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)
+    if "--recall" in sys.argv:
+        recall(sys.argv[sys.argv.index("--recall") + 1:])  # the checkpoints to probe
+        sys.exit()
     if "--curve" in sys.argv:
         i = sys.argv.index("--curve")
         curve(sys.argv[i + 1], (sys.argv[i + 2:] or [sys.argv[i + 1]])[0])  # read a checkpoint, write dest/curve.json

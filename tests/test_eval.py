@@ -14,7 +14,7 @@ import sample
 from checkpoints import save_model
 from data import Tokenizer, encode_example, pack
 from model import ModelArgs, Transformer
-from suite import train_tokenizer, write_jsonl
+from suite import train_tokenizer
 
 WORDS = "the cat sat on a mat dog ran far away question answer yes no maybe red blue green what is it ans".split()
 
@@ -251,7 +251,7 @@ def test_perplexity_memorised_and_random(tok):
 
 def write_task(folder, name, rows):
     for split, part in (("train", rows[:10]), ("test", rows[10:])):
-        write_jsonl(os.path.join(folder, name, f"{split}.jsonl"), part)
+        data.write_jsonl(os.path.join(folder, name, f"{split}.jsonl"), part)
 
 
 def fake_checkpoint(tmp_path, tok, step=2):

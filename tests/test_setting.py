@@ -7,7 +7,7 @@ import pytest
 
 import data
 import eval as ev
-from suite import write_jsonl
+from data import write_jsonl
 from test_eval import WORDS, fake_checkpoint, tok  # noqa: F401 (tok: a fixture)
 from test_train import run
 
