@@ -299,26 +299,6 @@ def print_tables(results, names):
                 print(f"{L:>7} {r0['windows']:>7} {r0['tokens']:>9}" + "".join(f" {row[n]['ppl']:12.4f}" for n in names))
 
 
-def plot(results, names, path):
-    try:  # optional: only when matplotlib is installed
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    ks = list(results["summary"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for n in names:
-        means = [results["summary"][k][n]["mean"] for k in ks]
-        ax.plot(range(len(ks)), [np.nan if v is None else v for v in means], marker="o", label=n)
-    ax.set_xticks(range(len(ks)), ks)
-    ax.set(xlabel="k (demonstrations)", ylabel="macro-average score", title="held-out tasks")
-    ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def parse_ks(text):
     return [k if k == "max" else int(k) for k in text.split(",")]
 
@@ -341,7 +321,7 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--ppl_file", help="a long UTF-8 text for the forgetting check (e.g. a PG-19 book)")
     p.add_argument("--ppl_lengths", type=parse_ints, default="1024,4096,16384,32768")
-    p.add_argument("--out", help="JSON results (default: {ckpt}/eval.json; a PNG beside it if matplotlib is installed)")
+    p.add_argument("--out", help="JSON results (default: {ckpt}/eval.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--no_base", action="store_true", help="evaluate the trained model only")
@@ -398,8 +378,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
-    png = plot(results, names, os.path.splitext(out)[0] + ".png")
-    print(f"\nwrote {out}" + (f" and {png}" if png else ""))
+    print(f"\nwrote {out}")
     return results
 
 
