@@ -313,7 +313,7 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", help="held-out task files/folders (default: the config's eval_data); "
                    "with --setting, the MetaICL data folder (default: the config's data)")
     p.add_argument("--setting", help="MetaICL's config/{setting}.json: score its \"test\" tasks with their per-seed files")
-    p.add_argument("--ks", type=parse_ks, help="k sweep, e.g. 0,1,4,16,64,256,max (default: that; 0,1,4,16,64,max for the built-in suite)")
+    p.add_argument("--ks", type=parse_ks, help="k sweep, e.g. 0,1,4,16,64,256,max (default: that; 0,1,4,16,max for the built-in suite)")
     p.add_argument("--seeds", type=parse_ints, help="demonstration seeds (default: 100,13,21,42,87; 100,13,21 for the built-in suite)")
     p.add_argument("--seq_len", type=int, help="context for prompts (default: the config's seq_len)")
     p.add_argument("--max_test", type=int, help="at most this many test queries per task")
@@ -349,7 +349,7 @@ def main(argv=None):
     builtin = any((os.path.abspath(t) + os.sep).startswith(SUITE_DIR + os.sep) for t in task_paths)
     if builtin:
         ensure_suite()
-    ks = a.ks or parse_ks("0,1,4,16,64,max" if builtin else "0,1,4,16,64,256,max")
+    ks = a.ks or parse_ks("0,1,4,16,max" if builtin else "0,1,4,16,64,256,max")
     seeds = a.seeds or parse_ints("100,13,21" if builtin else "100,13,21,42,87")
     if a.ppl_file and not os.path.isfile(a.ppl_file):  # before the sweep, not after it
         raise FileNotFoundError(f"{a.ppl_file}: no such text file for --ppl_file")
