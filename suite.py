@@ -189,7 +189,7 @@ def suite_instance(family, rng):
     raise ValueError(f"unknown suite family {family!r}")
 
 
-SUITE_VERSION = "v5"  # bump when the generated suite changes, so stale copies are rewritten
+SUITE_VERSION = "v6"  # bump when the generated suite changes, so stale copies are rewritten
 HELD_IN = ["category_label", "word_label", "contains_letter", "first_letter", "parity", "number_threshold", "lookup",
            "caesar", "string_op", "add_const"]
 DEV = ["dev_length", "dev_table", "dev_lookup", "dev_last_letters"]
@@ -344,6 +344,7 @@ def ensure_suite(out_dir=SUITE_DIR):
     by an older version of this file is written again."""
     done = os.path.join(out_dir, "DONE")
     if not os.path.isfile(done) or open(done).read().split()[0] != SUITE_VERSION:
+        shutil.rmtree(out_dir, ignore_errors=True)  # no task of an older version may linger
         make_suite(out_dir)
     return out_dir
 

@@ -41,7 +41,7 @@ option = lambda name, default: type(default)(next((a.split("=", 1)[1] for a in s
 # learning showed on one H100 (3,000 steps of 32 sequences of 512 tokens, lr 1e-3; see RESULTS.md),
 # from a `tiny` language model it pre-trains first.
 SIZE = ["--seq_len=512", "--batch_size=32", "--grad_accum=1", "--lr=1e-3", "--min_lr=1e-4", "--warmup_steps=100",
-        "--workers=2"] if GPU else ["--seq_len=512", "--batch_size=16", "--grad_accum=1", "--lr=5e-4", "--min_lr=5e-5",
+        "--workers=2"] if GPU else ["--seq_len=512", "--batch_size=16", "--grad_accum=1", "--lr=1.5e-4", "--min_lr=1.5e-5",
                                     "--warmup_steps=20"]
 LM_STEPS = option("lm_steps", 2000)                  # GPU route: language-model pre-training of the base
 STEPS = option("steps", 3000 if GPU else 200)        # every fine-tuning arm
