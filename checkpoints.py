@@ -170,10 +170,15 @@ def check_state_dict(model, state, path):
             raise ValueError(f"{path}: key '{k}' has shape {tuple(state[k].shape)}, the config implies {tuple(shape)}")
 
 
+def mistral_layout(path):
+    """Mistral's own files are preferred: the official repository ships them beside HF's shards."""
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("params.json", "consolidated.safetensors"))
+
+
 def model_args(path):
     """The shape of the model in a folder of either layout, read without loading any weights
     (so a bad folder fails before anything heavy)."""
-    if os.path.isfile(os.path.join(path, "params.json")) and os.path.isfile(os.path.join(path, "consolidated.safetensors")):
+    if mistral_layout(path):
         return read_params_json(os.path.join(path, "params.json"))
     if os.path.isfile(os.path.join(path, "config.json")):
         return read_hf_config(os.path.join(path, "config.json"), hf_weight_files(path))
@@ -193,7 +198,7 @@ def load_model(path, device="cpu", dtype=None):
     """A Transformer from a folder of either layout, its weights straight to `device` and `dtype`."""
     device = torch.device(device)
     args = model_args(path)
-    if os.path.isfile(os.path.join(path, "params.json")) and os.path.isfile(os.path.join(path, "consolidated.safetensors")):
+    if mistral_layout(path):
         state = read_safetensors([os.path.join(path, "consolidated.safetensors")], device, dtype)
     else:
         files = hf_weight_files(path)

@@ -74,10 +74,6 @@ SYLLABLE_SETS = {"train": [SYLLABLES, ["mu", "ka", "po", "ti", "re", "so", "ya",
                  "test": [["ven", "dor", "kul", "mip", "tas", "rog"]]}
 
 
-def words_of(split):
-    return ENGLISH[split]
-
-
 def label_words(rng, split, n):
     """n distinct answer words of one kind, the kind drawn per task instance."""
     kinds = {"train": ["english", "nonce", "nonce", "digit", "letter", "phrase"],
@@ -98,7 +94,7 @@ def label_words(rng, split, n):
 def input_picker(rng, split, kinds=("word", "number", "letters", "phrase")):
     """A function r -> an input of one kind, the kind drawn per task instance."""
     kind = kinds[int(rng.integers(len(kinds)))]
-    words = words_of(split)
+    words = ENGLISH[split]
     return {"word": lambda r: str(r.choice(words)),
             "number": lambda r: str(int(r.integers(1000 if split != "train" else 100))),
             "letters": lambda r: "".join(r.choice(list(LETTERS), int(r.integers(3, 8)))),
