@@ -323,16 +323,27 @@ class GenericSampler:
         return np.asarray(tokens, dtype=np.int64), targets_for(tokens, [], "none")
 
 
-def train_tokenizer(lines, prefix, vocab_size=1024):
-    """A tiny sentencepiece model configured like Mistral's: BPE, byte fallback, digits split,
-    no text normalisation, <unk>=0 <s>=1 </s>=2."""
+def train_tokenizer(lines, prefix, vocab_size=1024, model_type="bpe"):
+    """A tiny sentencepiece model configured like Mistral's: byte fallback, digits split, no text
+    normalisation, <unk>=0 <s>=1 </s>=2. model_type="char" makes every character a token (the
+    vocabulary is then the characters seen, and vocab_size only an upper bound)."""
     import sentencepiece as spm
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", hard_vocab_limit=model_type != "char",
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         character_coverage=1.0, num_threads=1, minloglevel=2)
     return prefix + ".model"
+
+
+def char_tokenizer(prefix, seed=0):
+    """The small base model's tokenizer: one token per character (plus 256 byte pieces for any
+    other), trained on generic text. Letters are tokens, so rules about spelling are visible to the
+    model; a subword tokenizer hides them (a word is one token, its first letter nowhere)."""
+    rng = np.random.default_rng(seed)
+    docs = [make(rng) for _ in range(300) for make in (roster, play, song, generic_document)]
+    lines = [line for doc in docs for line in doc.split("\n")]
+    return train_tokenizer(lines + [LETTERS, LETTERS.upper(), "0123456789 .,:;!?'\"-()"], prefix, 512, "char")
 
 
 def ensure_suite(out_dir=SUITE_DIR):
