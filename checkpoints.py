@@ -25,6 +25,8 @@ import torch
 from lora import apply_lora, block_of, load_lora, lora_state_dict, merge_lora, require_lora, save_lora
 from model import PRESETS, ModelArgs, Transformer
 
+ROOT = os.path.dirname(os.path.abspath(__file__))  # this repository: its own base model lives in assets/
+
 # ----------------------------------------------------------------------------- reading the layouts
 
 def read_json(path):
@@ -330,6 +332,17 @@ def write_checkpoint(out_dir, step, model, optimizer, tokenizer_path, config):
     return final
 
 
+def initial_path(config):
+    """The folder training started from: as recorded (absolute), as typed (relative to the working
+    folder), or as typed relative to this repository (its own base model, from any folder)."""
+    tries = [config.get("init_path"), config["init"], os.path.join(ROOT, config["init"])]
+    for path in filter(None, tries):
+        if os.path.isdir(path):
+            return path
+    raise FileNotFoundError(f"the checkpoint's base model init={config['init']} is not found; looked in "
+                            + ", ".join(dict.fromkeys(filter(None, tries))))
+
+
 def load_models(path, device, dtype, base=True):
     """(base, trained, tokenizer, config) from a checkpoint or an out_dir (its newest checkpoint).
     The base is what training started from: the random init of init='scratch' (same seed, same
@@ -347,7 +360,7 @@ def load_models(path, device, dtype, base=True):
 
     def initial_model(args):
         if config["init"] != "scratch":
-            return load_model(config["init"], device, dtype)
+            return load_model(initial_path(config), device, dtype)
         args = args or ModelArgs(**{**PRESETS[config["preset"]], "vocab_size": tok.vocab_size})  # as train.py
         return Transformer(args).init_weights(config["seed"]).to(device, dtype)  # on the CPU, as train.py
 

@@ -266,7 +266,8 @@ def shot_order(examples, rng, shots="random"):
 def fill(examples, max_len, max_shots=None):
     """The longest run of `examples` (Encoded, in order; may be a generator) that packs into
     max_len tokens with pack(), at most max_shots of them. No example is split or repeated.
-    Training sequences, eval prompts and sample.py's prompts are all filled by this."""
+    Training sequences and the k='max' prompts of eval.py and sample.py are filled by this; an
+    integer k takes the first k examples of the same order (eval.draw_demos)."""
     chosen, length = [], 1  # <s>
     for ex in examples:
         cost = len(ex.first_input if not chosen else ex.input) + len(ex.answer)

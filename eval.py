@@ -307,6 +307,14 @@ def parse_ints(text):
     return [int(v) for v in text.split(",")]
 
 
+def default_out(path, ckpt):
+    """Beside a training run's checkpoints; never inside a model folder that training did not write
+    (the committed base, a download): out/eval-{name}.json there."""
+    if re.fullmatch(r"ckpt-\d+", os.path.basename(os.path.normpath(ckpt))):  # train.py's name for its checkpoints
+        return os.path.join(path, "eval.json")
+    return os.path.join("out", f"eval-{os.path.basename(os.path.normpath(ckpt))}.json")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out", help="an out_dir (its newest complete checkpoint) or a ckpt-* folder")
@@ -321,7 +329,7 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--ppl_file", help="a long UTF-8 text for the forgetting check (e.g. a PG-19 book)")
     p.add_argument("--ppl_lengths", type=parse_ints, default="1024,4096,16384,32768")
-    p.add_argument("--out", help="JSON results (default: {ckpt}/eval.json)")
+    p.add_argument("--out", help="JSON results (default: {ckpt}/eval.json for train.py's output, else out/eval-{name}.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--no_base", action="store_true", help="evaluate the trained model only")
@@ -343,7 +351,7 @@ def main(argv=None):
     # folder it trained on; any other on the config's eval_data
     suite_run = config.get("data") in ("suite", "generic")
     task_paths = a.tasks or ([os.path.join(SUITE_DIR, "eval")] if suite_run and not a.setting else
-                             ((config.get("data") if a.setting else config.get("eval_data")) or "data/suite/eval").split(","))
+                             ((config.get("data") if a.setting else config.get("eval_data")) or os.path.join(SUITE_DIR, "eval")).split(","))
     if a.setting and len(task_paths) != 1:
         raise ValueError(f"--setting takes one MetaICL data folder in --tasks, got {len(task_paths)}: {' '.join(task_paths)}")
     builtin = any((os.path.abspath(t) + os.sep).startswith(SUITE_DIR + os.sep) for t in task_paths)
@@ -374,7 +382,7 @@ def main(argv=None):
         results["perplexity"] = forgetting(models, tok, a.ppl_file, a.ppl_lengths)
     print_tables(results, names)
 
-    out = a.out or os.path.join(a.ckpt, "eval.json")
+    out = a.out or default_out(a.ckpt, config["checkpoint"])
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)

@@ -81,7 +81,7 @@ def training_memory(model, dtype):
 
 def checkpointing_mode(name, model=None, cfg=None, dtype=torch.float32):
     """model.activation_checkpointing for a config name. "auto" (given the model): the per-block
-    plan that recomputes least while its estimated peak (model.estimate_peak) fits
+    plan that recomputes least while its estimated peak (estimate_peak above) fits
     cfg.memory_budget_gib, or with none set 90% of the GPU memory this process holds or could take
     (the estimate is rough: the 10% is its margin). On the CPU with no budget "auto" is "none":
     torch cannot see host memory, and CPU runs are small."""

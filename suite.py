@@ -15,7 +15,7 @@ import numpy as np
 from data import EXAMPLE_SEPARATOR, build_sequence, targets_for, write_jsonl
 
 SUITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "suite")
-# the suite is spelled in the vocabulary of the base model it fine-tunes (made by train_tokenizer below)
+# the suite is spelled in the vocabulary of the base model it fine-tunes: a copy of its tokenizer
 BASE_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "base-nano", "tokenizer.model")
 WORDS = {
     "animal": "cat dog horse cow sheep goat mouse lion tiger bear wolf fox deer duck owl frog".split(),
@@ -185,7 +185,7 @@ def suite_instance(family, rng):
     raise ValueError(f"unknown suite family {family!r}")
 
 
-SUITE_VERSION = "v6"  # bump when the generated suite changes, so stale copies are rewritten
+SUITE_VERSION = "v7"  # bump when the generated suite changes, so stale copies are rewritten
 HELD_IN = ["category_label", "word_label", "contains_letter", "first_letter", "parity", "number_threshold", "lookup",
            "caesar", "string_op", "add_const"]
 DEV = ["dev_length", "dev_table", "dev_lookup", "dev_last_letters"]
@@ -232,6 +232,10 @@ def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 40
     in `seed`. Many instances per held-in family, each with its own hidden rule: with few, a
     small model memorises each instance's rule instead of learning to read it from the context."""
     rng = np.random.default_rng(seed)
+    written = []
+    def write_rows(name, rows):
+        write_jsonl(os.path.join(out_dir, name), rows)
+        written.append(name)
     for families, n_inst, n_ex, split_dir in ((HELD_IN, instances[0], n_train[0], "train"),
                                               (DEV, instances[1], n_train[1], "dev"),
                                               (HELD_OUT, instances[1], n_train[1], "eval")):
@@ -242,15 +246,17 @@ def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 40
                 rows = [dict(input=x, output=rule(x), task=task, options=options)
                         for x in (str(draw(rng)) for _ in range(n_ex + (8 * n_test if split_dir != "train" else 0)))]
                 if split_dir == "train":
-                    write_jsonl(os.path.join(out_dir, "train", f"{task}.jsonl"), rows)
+                    write_rows(f"train/{task}.jsonl", rows)
                 else:
-                    write_jsonl(os.path.join(out_dir, split_dir, task, "train.jsonl"), rows[:n_ex])
-                    write_jsonl(os.path.join(out_dir, split_dir, task, "test.jsonl"), balanced(rows[n_ex:], n_test))
+                    write_rows(f"{split_dir}/{task}/train.jsonl", rows[:n_ex])
+                    write_rows(f"{split_dir}/{task}/test.jsonl", balanced(rows[n_ex:], n_test))
     # generic text never trained on, to score perplexity on
     docs = [generic_document(rng) for _ in range(60)]
     open(os.path.join(out_dir, "generic_test.txt"), "w").write("\n\n".join(docs) + "\n")
     shutil.copy(BASE_TOKENIZER, os.path.join(out_dir, "tokenizer.model"))
-    open(os.path.join(out_dir, "DONE"), "w").write(f"{SUITE_VERSION} {seed}")
+    written += ["generic_test.txt", "tokenizer.model"]
+    with open(os.path.join(out_dir, "DONE"), "w") as f:  # last: the suite is complete; and what to remove later
+        f.write("\n".join([f"{SUITE_VERSION} {seed}"] + written) + "\n")
     return out_dir
 
 
@@ -346,15 +352,50 @@ def char_tokenizer(prefix, seed=0):
     return train_tokenizer(lines + [LETTERS, LETTERS.upper(), "0123456789 .,:;!?'\"-()"], prefix, 512, "char")
 
 
-def ensure_suite(out_dir=SUITE_DIR):
-    """Generate the suite once; later calls reuse it (it takes a few seconds). A suite written
-    by an older version of this file is written again."""
+def suite_is_current(out_dir):
     done = os.path.join(out_dir, "DONE")
-    if not os.path.isfile(done) or open(done).read().split()[0] != SUITE_VERSION:
-        shutil.rmtree(out_dir, ignore_errors=True)  # no task of an older version may linger
-        make_suite(out_dir)
+    return os.path.isfile(done) and open(done).read().split()[:1] == [SUITE_VERSION]
+
+
+def ensure_suite(out_dir=SUITE_DIR):
+    """Generate the suite once; later calls reuse it (it takes a few seconds). Safe when several
+    processes call it at once (torchrun's ranks, or two runs started together): one writes under a
+    lock while the others wait, then all read the same files. A suite of an older version is
+    written again: the files it wrote (listed in its DONE) are removed first, so none lingers,
+    and anything else in the folder, such as a user's own task files, is left alone."""
+    import fcntl
+    if suite_is_current(out_dir):
+        return out_dir
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    with open(os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if this process dies
+        if not suite_is_current(out_dir):
+            remove_suite_files(out_dir)
+            make_suite(out_dir)
     return out_dir
 
 
+def remove_suite_files(out_dir):
+    """Remove what an older suite wrote: the files its DONE lists, then the folders left empty.
+    A suite from before DONE listed its files is moved aside whole, not deleted."""
+    done = os.path.join(out_dir, "DONE")
+    if not os.path.isfile(done):
+        return
+    version, *written = open(done).read().splitlines()  # "v7 1234", then one written file a line
+    if not written:
+        aside = f"{out_dir.rstrip(os.sep)}-{version.split()[0]}"
+        print(f"suite {version} in {out_dir} does not list its files: moved to {aside} (nothing deleted)")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out_dir, aside)
+        return
+    for name in written:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    for folder, _, _ in sorted(os.walk(out_dir), key=lambda w: -len(w[0])):  # deepest first
+        if folder != out_dir and not os.listdir(folder):
+            os.rmdir(folder)
+
+
 if __name__ == "__main__":
-    print("built-in suite written to", make_suite())
+    print("built-in suite in", ensure_suite())

@@ -31,6 +31,8 @@ from memory import checkpointing_mode, flops_per_token, peak_flops
 from model import PRESETS, ModelArgs, Transformer, dtype_named, sdpa_backend
 from suite import HELD_IN, GenericSampler, SuiteSampler, ensure_suite
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
 
 @dataclass
 class TrainConfig:
@@ -100,13 +102,47 @@ def tokenizer_path(cfg):
 def base_model_args(cfg, vocab_size):
     """The model's shape, read without loading weights (so bad configs fail fast)."""
     if cfg.init != "scratch":
-        if not any(os.path.isfile(os.path.join(cfg.init, f)) for f in ("params.json", "config.json")):
-            raise FileNotFoundError(f"init={cfg.init}: not 'scratch' and not a checkpoint directory "
-                                    f"(no params.json or config.json)")
         return model_args(cfg.init)
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
     return ModelArgs(**{**PRESETS[cfg.preset], "vocab_size": vocab_size})
+
+
+def check_options(cfg, world):
+    """Refuse values that cannot work and options that would be silently ignored in this run."""
+    if cfg.init != "scratch" and not any(os.path.isfile(os.path.join(cfg.init, f)) for f in ("params.json", "config.json")):
+        raise FileNotFoundError(f"init={cfg.init}: not 'scratch' and not a checkpoint directory "
+                                f"(no params.json or config.json)")
+    if cfg.grad_accum % world:
+        raise ValueError(f"grad_accum={cfg.grad_accum} (total micro-steps) is not divisible by world size {world}")
+    if cfg.loss_mask not in ("all", "last", "none"):
+        raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
+    if cfg.shots not in ("random", "stratified"):
+        raise ValueError(f"shots must be random or stratified; got '{cfg.shots}'")
+    default = TrainConfig()
+    changed = lambda *names: [n for n in names if getattr(cfg, n) != getattr(default, n)]
+    ignored = {  # option -> why it would have no effect
+        "setting": cfg.data in ("suite", "generic") and changed("setting"),
+        "families": cfg.data != "suite" and changed("families"),
+        "task_temperature": cfg.data in ("suite", "generic") and changed("task_temperature"),
+        "preset": cfg.init != "scratch" and changed("preset"),
+        "lora_alpha, lora_dropout, lora_targets": not cfg.lora_rank and changed("lora_alpha", "lora_dropout", "lora_targets"),
+        "memory_budget_gib": cfg.activation_checkpointing != "auto" and changed("memory_budget_gib"),
+        "max_shots, shots": cfg.data == "generic" and changed("max_shots", "shots"),
+    }
+    why = {"setting": "it needs data=<MetaICL data folder> (holding {task}/{task}_16384_100_train.jsonl)",
+           "families": "only the built-in suite (data=suite) has families",
+           "task_temperature": "it weights task files by size; the built-in suite and generic text have no sizes "
+                               "(every sequence is a fresh family instance, families drawn uniformly)",
+           "preset": "the model's shape comes from init; preset is for init=scratch",
+           "lora_alpha, lora_dropout, lora_targets": "LoRA is off (lora_rank=0)",
+           "memory_budget_gib": "only activation_checkpointing=auto plans for a budget",
+           "max_shots, shots": "data=generic is plain text, not examples"}
+    for names, hit in ignored.items():
+        if hit:
+            raise ValueError(f"{', '.join(hit)} would be ignored: {why[names]}")
+    if cfg.data == "generic" and cfg.loss_mask != "none":
+        raise ValueError("data=generic is language modelling (every token a target): pass loss_mask=none")
 
 
 def trim_log(path, step):
@@ -127,6 +163,10 @@ def trim_log(path, step):
 
 def main(argv):
     cfg = parse_config(argv, TrainConfig)
+    typed_init = cfg.init
+    for name in ("init", "eval_data"):  # the defaults live in this repository, wherever it is run from
+        if getattr(cfg, name) == getattr(TrainConfig, name):
+            setattr(cfg, name, os.path.join(ROOT, getattr(cfg, name)))
 
     # ---- distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1
     ddp = "RANK" in os.environ
@@ -144,14 +184,7 @@ def main(argv):
     dtype = dtype_named(cfg.dtype, device)
 
     # ---- validate everything cheap before anything heavy (every rank fails with the same message)
-    if cfg.grad_accum % world:
-        raise ValueError(f"grad_accum={cfg.grad_accum} (total micro-steps) is not divisible by world size {world}")
-    if cfg.loss_mask not in ("all", "last", "none"):
-        raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
-    if cfg.setting and cfg.data in ("suite", "generic"):
-        raise ValueError(f"setting={cfg.setting} needs data=<MetaICL data folder> (holding {{task}}/{{task}}_16384_100_train.jsonl)")
-    if cfg.shots not in ("random", "stratified"):
-        raise ValueError(f"shots must be random or stratified; got '{cfg.shots}'")
+    check_options(cfg, world)
     micro_steps = cfg.grad_accum // world
     sdpa_backend(cfg.sdpa_backend), checkpointing_mode(cfg.activation_checkpointing)  # validate names
     tok = Tokenizer(tokenizer_path(cfg))
@@ -161,8 +194,8 @@ def main(argv):
     if tok.vocab_size > args.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces, the model only {args.vocab_size}")
     max_shots = cfg.max_shots or None
-    if cfg.data == "suite" or cfg.eval_data == TrainConfig.eval_data:
-        ensure_suite()  # generated once, a few seconds
+    if cfg.data == "suite" or cfg.eval_data == os.path.join(ROOT, TrainConfig.eval_data):
+        ensure_suite()  # generated once, a few seconds; one rank writes, the others wait (a lock)
     if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (suite.SuiteSampler)
         families = cfg.families.split(",") if cfg.families else HELD_IN
         sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, max_shots, families, cfg.shots)
@@ -181,7 +214,8 @@ def main(argv):
     val_sampler = None
     if cfg.eval_data:
         val_tasks, _ = encode_tasks(load_tasks(cfg.eval_data.split(","), split="train"), tok, cfg.seq_len)
-        val_sampler = TrainSampler(val_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed + 1, math.inf, max_shots)
+        val_sampler = TrainSampler(val_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed + 1, math.inf,  # tasks alike
+                                   max_shots, cfg.shots)
     print0(f"{about_data}; world size {world}, "
            f"{micro_steps} micro-steps x {cfg.batch_size} sequences per rank, global batch {cfg.batch_size * cfg.grad_accum}")
 
@@ -257,7 +291,8 @@ def main(argv):
     def save_checkpoint(step):
         if master:
             write_checkpoint(cfg.out_dir, step, model, optimizer, tok.path,
-                             {**asdict(cfg), "lora_targets": cfg.lora_targets.split(",")})
+                             {**asdict(cfg), "lora_targets": cfg.lora_targets.split(","), "init": typed_init,
+                              "init_path": os.path.abspath(cfg.init)})  # eval finds it from any folder
             for old in find_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
                 shutil.rmtree(old)
         if ddp:

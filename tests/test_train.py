@@ -27,6 +27,7 @@ def common(suite, out, **kw):
                seq_len=96, batch_size=1, grad_accum=2, max_steps=3, warmup_steps=1, eval_interval=2, eval_sequences=2,
                log_interval=1, ckpt_interval=100, lr=3e-3)
     cfg.update(kw)
+    cfg["preset"] = cfg["preset"] if cfg["init"] == "scratch" else None  # a checkpoint has its own shape
     return [f"--{k}={v}" for k, v in cfg.items() if v is not None]  # None: leave the key alone
 
 

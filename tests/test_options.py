@@ -1,0 +1,32 @@
+"""No option is silently ignored: train.py refuses one that would have no effect in the run asked for."""
+import pytest
+
+import train
+
+IGNORED = [  # (flags, the option named in the error)
+    (["--task_temperature=2"], "task_temperature"),                        # the suite has no task sizes
+    (["--data=generic", "--loss_mask=none", "--task_temperature=2"], "task_temperature"),
+    (["--data=tasks/", "--families=parity"], "families"),                  # families belong to the suite
+    (["--setting=config/hr_to_lr.json"], "setting"),                       # a setting names MetaICL files
+    (["--preset=tiny"], "preset"),                                         # init gives the shape
+    (["--lora_alpha=16"], "lora_alpha"),                                   # LoRA is off
+    (["--lora_targets=wq"], "lora_targets"),
+    (["--lora_dropout=0.1"], "lora_dropout"),
+    (["--memory_budget_gib=20"], "memory_budget_gib"),                     # only "auto" plans
+    (["--data=generic", "--loss_mask=none", "--shots=stratified"], "shots"),  # plain text has no shots
+    (["--data=generic", "--loss_mask=none", "--max_shots=4"], "max_shots"),
+    (["--data=generic"], "loss_mask=none"),                                # every token is a target there
+]
+
+
+@pytest.mark.parametrize("flags,named", IGNORED)
+def test_an_option_without_effect_is_refused(flags, named, tmp_path):
+    with pytest.raises(ValueError, match=named):
+        train.main([*flags, f"--out_dir={tmp_path}", "--max_steps=1"])
+
+
+@pytest.mark.parametrize("flags", [["--init=scratch", "--preset=tiny", "--max_steps=0"],
+                                   ["--lora_rank=4", "--lora_alpha=8", "--max_steps=0"],
+                                   ["--activation_checkpointing=auto", "--memory_budget_gib=1", "--max_steps=0"]])
+def test_the_same_options_where_they_act_are_accepted(flags, tmp_path):
+    train.main([*flags, f"--out_dir={tmp_path}", "--eval_data="])
