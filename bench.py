@@ -30,8 +30,8 @@ from checkpoints import model_args
 from configurator import parse_config
 from data import IGNORE
 from lora import LoRALinear, apply_lora, merge_lora
-from memory import checkpointing_mode, estimate_peak, flops_per_token, peak_flops, training_memory
-from model import PRESETS, ModelArgs, Transformer, sdpa_backend
+from memory import checkpointing_mode, estimate_peak, flops_per_token, peak_flops, sdpa_backend, training_memory
+from model import PRESETS, ModelArgs, Transformer
 
 
 @dataclass

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import data
 from checkpoints import load_models
-from model import dtype_named
+from configurator import dtype_named
 from sample import generate, new_cache, score_options
 from suite import SUITE_DIR, ensure_suite
 

@@ -16,17 +16,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa= arrived in 2.5
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
-
-
-def dtype_named(name, device):
-    """A dtype by name; "auto" or None: bfloat16 on a GPU, float32 on the CPU."""
-    if name in (None, "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}; got '{name}'")
-    return DTYPES[name]
 
 
 @dataclass
@@ -147,21 +136,6 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, *repeat_kv(k, v, self.n_heads), is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def sdpa_backend(name):
-    """Context manager pinning SDPA to one kernel ("flash", "cudnn", "efficient", "math"), or
-    leaving PyTorch's choice ("auto"). Wrap forward *and* backward: activation checkpointing
-    re-runs attention during the backward pass and must pick the same kernel again."""
-    import contextlib
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    if name not in kernels:
-        raise ValueError(f"sdpa_backend must be auto or one of {sorted(kernels)}, got '{name}'")
-    return sdpa_kernel([kernels[name]])
 
 
 def repeat_kv(k, v, n_heads):

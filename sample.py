@@ -38,7 +38,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 from checkpoints import load_models
-from model import KVCache, dtype_named
+from configurator import dtype_named
+from model import KVCache
 
 # ----------------------------------------------------------------------------- KV-cache inference
 

@@ -24,11 +24,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import find_checkpoints, load_model, model_args, tokenizer_file, unreadable, write_checkpoint
-from configurator import parse_config
+from configurator import dtype_named, parse_config
 from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, collate, encode_tasks, load_tasks, read_setting, setting_file
 from lora import apply_lora, load_lora
-from memory import checkpointing_mode, flops_per_token, peak_flops
-from model import PRESETS, ModelArgs, Transformer, dtype_named, sdpa_backend
+from memory import checkpointing_mode, flops_per_token, peak_flops, sdpa_backend
+from model import PRESETS, ModelArgs, Transformer
 from suite import HELD_IN, GenericSampler, SuiteSampler, ensure_suite
 
 
