@@ -165,7 +165,7 @@ def attempt(fn, *a, **kw):
 def bench_prefix(cfg, model, device, dtype):
     """Eval's shared prefix: P demonstration tokens, Q queries of ~64 tokens with 2 options each.
     Cached (prefill once, pack the queries after it) against re-encoding the prefix per option."""
-    from sample import score_options, score_options_uncached
+    from inference import score_options, score_options_uncached
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(3, model.args.vocab_size, (cfg.prefix,), generator=g).tolist()
     segments = []
@@ -186,7 +186,7 @@ def bench_prefix(cfg, model, device, dtype):
           f"re-encoded {t_plain:.2f} s (est.), speedup {t_plain / t_cached:.1f}x, max score diff {diff:.2e}")
     # sample.py --cache: the encoded prefix written once, then read instead of encoded
     import os, tempfile
-    from sample import load_prefix, new_cache, prefill, save_prefix
+    from inference import load_prefix, new_cache, prefill, save_prefix
     ident = dict(format="manyicl-prefix-cache-1", model="bench", tokenizer="-", dtype=str(dtype), checkpoint="bench")
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"), \
             tempfile.TemporaryDirectory() as d:

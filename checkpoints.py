@@ -1,6 +1,7 @@
 """
 Checkpoint folders: reading the layouts users download, loading and saving our models, writing
-and finding training checkpoints, and exporting adapters for Hugging Face PEFT.
+and finding training checkpoints, and exporting adapters for Hugging Face PEFT. (A trained
+checkpoint is loaded for use, base model beside it, by inference.load_models.)
 
 Two layouts load wherever a model is accepted (train.py --init, eval.py, sample.py, bench.py):
   Mistral's        params.json + consolidated.safetensors (+ tokenizer.model.v3 or tokenizer.model)
@@ -11,7 +12,6 @@ A training checkpoint (out_dir/ckpt-NNNNNN) is Mistral's layout, or a LoRA adapt
 config.json (the training config), tokenizer.model and state.pt (optimizer, step). It is complete
 when it holds DONE: written last, in a .tmp- folder that is then renamed into place.
 """
-import copy
 import errno
 import json
 import os
@@ -22,8 +22,8 @@ from dataclasses import MISSING, fields
 
 import torch
 
-from lora import apply_lora, block_of, load_lora, lora_state_dict, merge_lora, require_lora, save_lora
-from model import PRESETS, ModelArgs, Transformer
+from lora import block_of, lora_state_dict, require_lora, save_lora
+from model import ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------- reading the layouts
 
@@ -328,45 +328,3 @@ def write_checkpoint(out_dir, step, model, optimizer, tokenizer_path, config):
         raise
     os.replace(tmp, final)  # atomic
     return final
-
-
-def load_models(path, device, dtype, base=True):
-    """(base, trained, tokenizer, config) from a checkpoint or an out_dir (its newest checkpoint).
-    The base is what training started from: the random init of init='scratch' (same seed, same
-    shape), else the model in `init`. base=False skips it (None)."""
-    from data import Tokenizer
-    ckpt = find_checkpoint(path)
-    why = unreadable(ckpt, ("consolidated.safetensors", "lora.safetensors", "config.json"))
-    if why:
-        raise ValueError(f"{why}\n  checkpoint {ckpt} cannot be read; pass an older ckpt-* folder to use that one")
-    config = dict(read_json(os.path.join(ckpt, "config.json")), checkpoint=ckpt)
-    tok_path = os.path.join(ckpt, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise FileNotFoundError(f"{tok_path}: tokenizer not found (train.py copies it into every checkpoint)")
-    tok = Tokenizer(tok_path)
-
-    def initial_model(args):
-        if config["init"] != "scratch":
-            return load_model(config["init"], device, dtype)
-        args = args or ModelArgs(**{**PRESETS[config["preset"]], "vocab_size": tok.vocab_size})  # as train.py
-        return Transformer(args).init_weights(config["seed"]).to(device, dtype)  # on the CPU, as train.py
-
-    if config.get("lora_rank"):  # an adapter on top of the initial model
-        adapter = os.path.join(ckpt, "lora.safetensors")
-        if not os.path.isfile(adapter):
-            raise FileNotFoundError(f"{adapter}: adapter not found (config lora_rank={config['lora_rank']})")
-        base_model = initial_model(None)
-        trained = copy.deepcopy(base_model) if base else base_model
-        apply_lora(trained, config["lora_rank"], config["lora_alpha"], targets=config["lora_targets"])
-        load_lora(trained, adapter)  # its errors name the file and the mismatching key or setting
-        merge_lora(trained)          # W + BA folded once: eval runs at the base model's speed
-        base_model = base_model if base else None
-    else:  # every weight trained: the checkpoint holds them all
-        trained = load_model(ckpt, device, dtype)
-        base_model = initial_model(trained.args) if base else None
-    if tok.vocab_size > trained.args.vocab_size:
-        raise ValueError(f"{tok_path}: {tok.vocab_size} tokens, the model has only {trained.args.vocab_size}")
-    for m in (base_model, trained):
-        if m is not None:
-            m.eval()
-    return base_model, trained, tok, config

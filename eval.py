@@ -26,7 +26,7 @@ worst over seeds of each task's main metric, then macro-averaged over tasks.
 
 Shared prefix: every query of a task at one (k, seed) follows the same demonstrations, so they are
 encoded once into a KV cache; then many queries (x options) are packed *after* it in one row, each
-attending to the prefix and to its own tokens only, at its own positions (sample.py holds this
+attending to the prefix and to its own tokens only, at its own positions (inference.py holds this
 KV-cache inference: prefill, extend, score_options, generate). Perplexity: see `perplexity`.
 """
 import argparse
@@ -42,9 +42,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from checkpoints import load_models
 from configurator import dtype_named
-from sample import generate, new_cache, score_options
+from inference import generate, load_models, new_cache, score_options
 from suite import SUITE_DIR, ensure_suite
 
 # ----------------------------------------------------------------------------- metrics

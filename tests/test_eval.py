@@ -10,7 +10,7 @@ import torch
 
 import data
 import eval as ev
-import sample
+import inference
 from checkpoints import save_model
 from data import Tokenizer, encode_example, pack
 from model import ModelArgs, Transformer
@@ -134,12 +134,12 @@ def test_option_rules_rank_by_summed_or_mean_span_loss(tok):
     for rule in ("sum", "mean"):
         preds = []
         for ex, q in queries:
-            losses = sample.score_options_uncached(model, prefix, [(ev.query_input(q, 4), o) for o in q.options], reduction=rule)
+            losses = inference.score_options_uncached(model, prefix, [(ev.query_input(q, 4), o) for o in q.options], reduction=rule)
             preds.append(ex["options"][int(np.argmin(losses))])
         want[rule] = np.mean([p == ex["output"] for p, (ex, _) in zip(preds, queries)])
     assert len({len(o) for _, q in queries for o in q.options}) > 1  # spans of different lengths
     for rule in ("sum", "mean"):
-        res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 1024), pool[:4], queries, tok, 64, 4, option_score=rule)
+        res, _ = ev.evaluate_prompt(model, inference.new_cache(model, 1024), pool[:4], queries, tok, 64, 4, option_score=rule)
         assert res["accuracy_sum"] == pytest.approx(want["sum"]) and res["accuracy_mean"] == pytest.approx(want["mean"])
         assert res["accuracy"] == res[f"accuracy_{rule}"]
 
@@ -160,7 +160,7 @@ def test_option_rules_pick_per_query_where_they_disagree(tok):
     raw = [dict(ex, options=options, output=options[i % 3]) for i, ex in enumerate(examples(10, options=True, seed=5))]
     queries = [(ex, encode_example(tok, ex)) for ex in raw]
     prefix = pack(pool[:3], tok.bos_id)[0]
-    cache, disagree = sample.new_cache(model, 1024), 0
+    cache, disagree = inference.new_cache(model, 1024), 0
     for ex, q in queries:
         spans = [q.options[i] for i in range(len(options))]
         nll = np.array([span_nll(model, prefix + ev.query_input(q, 3), y) for y in spans])
@@ -189,8 +189,8 @@ def test_answer_loss_is_the_gold_answers_loss(tok, options):
     model = random_model(tok)
     pool = [encode_example(tok, e) for e in examples(5, options=options, seed=1)]
     queries = [(ex, encode_example(tok, ex)) for ex in examples(4, options=options, seed=2)]
-    res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 1024), pool[:3], queries, tok, 64, 4)
-    ref = sample.score_options_uncached(model, pack(pool[:3], tok.bos_id)[0],
+    res, _ = ev.evaluate_prompt(model, inference.new_cache(model, 1024), pool[:3], queries, tok, 64, 4)
+    ref = inference.score_options_uncached(model, pack(pool[:3], tok.bos_id)[0],
                                     [(ev.query_input(q, 3), q.answer) for _, q in queries], reduction="mean")
     assert res["answer_loss"] == pytest.approx(np.mean(ref), abs=1e-4)
 
@@ -205,7 +205,7 @@ def test_one_prompt_encodes_its_prefix_once(tok, options):
     pool = [encode_example(tok, e) for e in examples(60, options=options, seed=1)]
     queries = [(ex, encode_example(tok, ex)) for ex in examples(2, options=options, seed=2)]
     prefix = pack(pool, tok.bos_id)[0]
-    _, stats = ev.evaluate_prompt(model, sample.new_cache(model, 2048), pool, queries, tok, 256, 4)
+    _, stats = ev.evaluate_prompt(model, inference.new_cache(model, 2048), pool, queries, tok, 256, 4)
     inputs = [ev.query_input(q, len(pool)) for _, q in queries]
     gold = sum(len(x) + len(q.answer) for x, (_, q) in zip(inputs, queries))
     if options:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import hf_rows_to_native, load_model, native_rows_to_hf, read_params_json, save_model
 from memory import flops_per_token
-from model import KVCache, ModelArgs, Transformer
+from model import ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=64, n_layers=2, head_dim=24, hidden_dim=96, n_heads=4, n_kv_heads=2,
                  norm_eps=1e-5, vocab_size=97, rope_theta=1e6)  # head_dim != dim // n_heads on purpose
@@ -226,18 +226,6 @@ def test_sliding_window_refuses_longer_sequences():
     m(torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="sliding_window"):
         m(torch.zeros(1, 9, dtype=torch.long))
-
-
-def test_kv_cache_continuation_equals_full_forward():
-    m = tiny_model()
-    tokens = torch.randint(0, ARGS.vocab_size, (2, 15))
-    full = m(tokens)
-    cache = KVCache(ARGS, 2, 32, "cpu", torch.float32)
-    parts = [m(tokens[:, :9], cache=cache), m(tokens[:, 9:10], cache=cache), m(tokens[:, 10:], cache=cache)]
-    assert cache.length == 15
-    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
-    cache.length = 9  # rewind to the prefix and continue differently: still exact
-    assert (m(tokens[:, 9:], cache=cache) - full[:, 9:]).abs().max() < 1e-5
 
 
 def test_targets_loss_equals_full_logits_cross_entropy():
