@@ -218,7 +218,7 @@ def bench_data(cfg):
     t0 = time.perf_counter()
     encoded, _ = encode_tasks(tasks, tok, cfg.seq_len)
     t_enc = time.perf_counter() - t0
-    n_tok = sum(len(e.input) + len(e.answer) for v in encoded.values() for e in v)
+    n_tok = sum(len(e.input_after_separator) + len(e.answer) for v in encoded.values() for e in v)
     sampler = TrainSampler(encoded, tok.bos_id, cfg.seq_len)
     t0 = time.perf_counter()
     packed = sum(len(sampler.sequence(0, i)[0]) for i in range(50))

@@ -79,7 +79,7 @@ def answer(model, cache, prefix, tok, query, n_demos, a):
     """Print the query's input, a tab and its answer: the best option, or a generation streamed."""
     options = query.get("options") or []
     enc = data.encode_example(tok, dict(input=query["input"], output="", options=options))
-    x = enc.input if n_demos else enc.first_input  # as pack() places it after the demonstrations
+    x = enc.input_after(n_demos)  # as pack() places it after the demonstrations
     print(query["input"].replace("\n", " ") + "\t", end="", flush=True)
     if options:
         losses = score_options(model, prefix, [(x, o) for o in enc.options], cache=cache, reduction=a.reduction)

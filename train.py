@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import find_checkpoints, load_model, model_args, tokenizer_file, unreadable, write_checkpoint
 from configurator import dtype_named, parse_config
-from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, collate, encode_tasks, load_tasks, read_setting, setting_file
+from data import (IGNORE, Prefetcher, TrainSampler, Tokenizer, check_shots, collate, encode_tasks, load_tasks, read_setting,
+                  setting_file)
 from lora import apply_lora, load_lora
 from memory import checkpointing_mode, flops_per_token, peak_flops, sdpa_backend
 from model import PRESETS, ModelArgs, Transformer
@@ -150,8 +151,7 @@ def main(argv):
         raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
     if cfg.setting and cfg.data in ("suite", "generic"):
         raise ValueError(f"setting={cfg.setting} needs data=<MetaICL data folder> (holding {{task}}/{{task}}_16384_100_train.jsonl)")
-    if cfg.shots not in ("random", "stratified"):
-        raise ValueError(f"shots must be random or stratified; got '{cfg.shots}'")
+    check_shots(cfg.shots)
     micro_steps = cfg.grad_accum // world
     sdpa_backend(cfg.sdpa_backend), checkpointing_mode(cfg.activation_checkpointing)  # validate names
     tok = Tokenizer(tokenizer_path(cfg))

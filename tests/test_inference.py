@@ -38,7 +38,7 @@ def test_cached_scores_equal_uncached(tok, k):
     prefix = pack(pool[:k], tok.bos_id)[0]
     queries = [encode_example(tok, dict(input=x, output="yes", options=["yes", "no", "maybe so", "the cat sat on a mat"]))
                for x in ["the cat", "a dog ran far away and on", "red", ""]]  # "" : empty input at k=0
-    segments = [((q.first_input if k == 0 else q.input), o) for q in queries for o in q.options]
+    segments = [(q.input_after(k), o) for q in queries for o in q.options]
     assert len({len(x) + len(o) for x, o in segments}) > 4  # lengths differ
     ref = inference.score_options_uncached(model, prefix, segments)
     for budget in (2048, 20):  # all in one row; several rows
@@ -65,7 +65,7 @@ def test_cached_generation_equals_naive_greedy(tok):
     model = random_model(tok, seed=1)
     demos = [encode_example(tok, e) for e in examples(2, options=False, seed=2)]
     prefix = pack(demos, tok.bos_id)[0]
-    inputs = [encode_example(tok, dict(input=x, output="a")).input
+    inputs = [encode_example(tok, dict(input=x, output="a")).input_after_separator
               for x in ["the cat", "red blue green yes", "no"]]
     # A random model seldom emits a newline, so to exercise the stop rules take as "newline" a
     # token it repeats, and as eos one it emits: the three queries end in different ways.
@@ -82,7 +82,7 @@ def test_generation_stops_at_the_closing_newline(tok):
     model = tiny_model(tok)
     q = encode_example(tok, dict(input="what is it", output="ans"))
     overfit(model, pack([q], tok.bos_id)[0], steps=80)  # <s> what is it ⏎ ans ⏎
-    out = inference.generate(model, [tok.bos_id], [q.first_input], tok.newline_id, tok.eos_id, max_new_tokens=10)[0]
+    out = inference.generate(model, [tok.bos_id], [q.input_after_bos], tok.newline_id, tok.eos_id, max_new_tokens=10)[0]
     assert tok.decode(out).strip() == "ans" and len(out) < 10
     assert out == q.answer[:-1]  # the opening newline and the answer; the closing one ended it
 
@@ -90,7 +90,7 @@ def test_generation_stops_at_the_closing_newline(tok):
 def test_sum_reduction_is_the_answer_spans_log_probability(tok):
     model = random_model(tok)
     prefix = pack([encode_example(tok, e) for e in examples(3, options=False, seed=1)], tok.bos_id)[0]
-    segments = [(encode_example(tok, dict(input=x, output="a")).input,
+    segments = [(encode_example(tok, dict(input=x, output="a")).input_after_separator,
                  encode_example(tok, dict(input="", output=o)).answer)
                 for x in ("the cat", "red") for o in ("yes", "maybe so", "the cat sat on a mat")]
     mean = inference.score_options(model, prefix, segments, reduction="mean")
@@ -105,7 +105,7 @@ def test_whole_prompt_as_prefix_with_an_empty_input(tok):
     """The issue's crash: a whole prompt as the shared prefix and an empty query."""
     model = random_model(tok, seed=2)
     prompt = pack([encode_example(tok, e) for e in examples(2, options=False, seed=3)], tok.bos_id)[0]
-    prompt += encode_example(tok, dict(input="the cat", output="a")).input
+    prompt += encode_example(tok, dict(input="the cat", output="a")).input_after_separator
     got = inference.generate(model, prompt, [[]], -1, -1, 6)[0]
     assert got == naive_generate(model, prompt, -1, -1, 6) and len(got) == 6
 
@@ -155,7 +155,7 @@ def test_masked_part_in_blocks_of_rows():
 def test_top_k_1_sampling_is_greedy_and_a_seed_repeats(tok):
     model = random_model(tok, seed=4)
     prefix = pack([encode_example(tok, e) for e in examples(2, options=False, seed=5)], tok.bos_id)[0]
-    inputs = [encode_example(tok, dict(input=x, output="a")).input for x in ("the cat", "no")]
+    inputs = [encode_example(tok, dict(input=x, output="a")).input_after_separator for x in ("the cat", "no")]
     greedy = inference.generate(model, prefix, inputs, -1, -1, 8)
     assert inference.generate(model, prefix, inputs, -1, -1, 8, temperature=1.0, top_k=1) == greedy
     hot = [inference.generate(model, prefix, inputs, -1, -1, 8, temperature=5.0, seed=s) for s in (1, 1, 2)]

@@ -77,7 +77,7 @@ def test_sample_answers_equal_evals(tmp_path, tok, capsys, monkeypatch):
     prefix = pack([encode_example(tok, e) for e in demos[:5]], tok.bos_id)[0]
     for (inp, got), ex in zip(opt, examples(3, options=True, seed=9)):
         q = encode_example(tok, ex)
-        losses = inference.score_options_uncached(model, prefix, [(q.input, o) for o in q.options],
+        losses = inference.score_options_uncached(model, prefix, [(q.input_after_separator, o) for o in q.options],
                                                   reduction="sum")
         assert inp == ex["input"] and got == ex["options"][int(np.argmin(losses))]
     # --prompt, and inputs from stdin
@@ -132,7 +132,7 @@ def test_sample_with_a_lora_adapter_on_an_hf_layout_base(tmp_path, tok, capsys):
     got = answers(capsys, ["--ckpt", str(tmp_path / "lora_out"), "--demos", f"{d}/train.jsonl", "--k", "3",
                            "--prompt", "the cat", "--max_new_tokens", "5", "--device", "cpu"])
     prompt = (pack([encode_example(tok, e) for e in demos[:3]], tok.bos_id)[0]
-              + encode_example(tok, dict(input="the cat", output="")).input)
+              + encode_example(tok, dict(input="the cat", output="")).input_after_separator)
     ref = naive_generate(tuned.eval(), prompt, tok.newline_id, tok.eos_id, 5)
     assert got == [["the cat", tok.decode(ref).strip().replace("\n", " ")]]
 
