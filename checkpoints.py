@@ -1,7 +1,8 @@
 """
-Checkpoint folders: reading the layouts users download, loading and saving our models, writing
-and finding training checkpoints, and exporting adapters for Hugging Face PEFT. (A trained
-checkpoint is loaded for use, base model beside it, by inference.load_models.)
+Checkpoint folders: reading the layouts users download, loading and saving our models, the model
+training starts from, writing and finding training checkpoints and resuming from them, and
+exporting adapters for Hugging Face PEFT. (A trained checkpoint is loaded for use, base model
+beside it, by inference.load_models.)
 
 Two layouts load wherever a model is accepted (train.py --init, eval.py, sample.py, bench.py):
   Mistral's        params.json + consolidated.safetensors (+ tokenizer.model.v3 or tokenizer.model)
@@ -23,7 +24,7 @@ from dataclasses import MISSING, fields
 import torch
 
 from lora import block_of, lora_state_dict, require_lora, save_lora
-from model import ModelArgs, Transformer
+from model import PRESETS, ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------- reading the layouts
 
@@ -194,6 +195,29 @@ def tokenizer_file(path):
     raise FileNotFoundError(f"{path}: no tokenizer.model.v3 or tokenizer.model")
 
 
+def initial_args(init, preset, vocab_size):
+    """The shape of the model training starts from, read without loading weights (so bad configs
+    fail fast): the checkpoint in folder `init`, or (init="scratch") `preset` with the tokenizer's vocabulary."""
+    if init != "scratch":
+        if not any(os.path.isfile(os.path.join(init, f)) for f in ("params.json", "config.json")):
+            raise FileNotFoundError(f"init={init}: not 'scratch' and not a checkpoint directory "
+                                    f"(no params.json or config.json)")
+        return model_args(init)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
+    return ModelArgs(**{**PRESETS[preset], "vocab_size": vocab_size})
+
+
+def initial_model(init, args, seed, device, dtype):
+    """The model training starts from: the one in folder `init`, or (init="scratch") a fresh
+    `args`-shaped one drawn from `seed` on the CPU, so the same on any device (eval rebuilds it as the base)."""
+    if init != "scratch":
+        return load_model(init, device, dtype)
+    with torch.device("meta"):  # no default init: init_weights draws every weight
+        model = Transformer(args)
+    return model.to_empty(device="cpu").init_weights(seed).to(device, dtype)
+
+
 def load_model(path, device="cpu", dtype=None):
     """A Transformer from a folder of either layout, its weights straight to `device` and `dtype`."""
     device = torch.device(device)
@@ -295,6 +319,47 @@ def unreadable(ckpt, names=("consolidated.safetensors", "lora.safetensors", "sta
         except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as e:
             return f"{path}: {e}"
     return None
+
+
+def resume_point(out_dir, master):
+    """The checkpoint a rerun resumes from: the newest complete one in out_dir that can be read, or
+    None to start afresh; none readable is an error. Newer ones that cannot be read are moved aside
+    (rank 0 moves them, `master`), out of the ckpt-* names: else the rerun would not save their
+    steps again, and would rotate them wrongly."""
+    ckpts, problems = find_checkpoints(out_dir), {}
+    for ckpt in reversed(ckpts):  # the newest that can be read
+        problems[ckpt] = unreadable(ckpt)
+        if problems[ckpt] is None:
+            break
+    resume = next((c for c, why in problems.items() if why is None), None)
+    if ckpts and resume is None:
+        raise ValueError(f"none of the {len(ckpts)} checkpoints in {out_dir} can be read; the newest: "
+                         f"{problems[ckpts[-1]]}. Move them away to start afresh")
+    if len(problems) > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has looked before rank 0 moves the broken ones away
+    for ckpt, why in problems.items():
+        if why and master:
+            moved = os.path.join(out_dir, "unreadable-" + os.path.basename(ckpt))
+            print(f"warning: {why}\n  checkpoint {ckpt} cannot be read: resuming from {resume}; moved to {moved}", flush=True)
+            shutil.rmtree(moved, ignore_errors=True)  # a broken copy of the same step, from before
+            os.replace(ckpt, moved)
+    return resume
+
+
+def trim_log(path, step):
+    """Keep the log lines of steps up to `step` (the resumed one; 0 for a fresh start), so the steps
+    run again after a kill are logged once. Rewritten atomically."""
+    def kept(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            return False
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [l.rstrip("\n") + "\n" for l in f if kept(l)]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
 
 
 def write_checkpoint(out_dir, step, model, optimizer, tokenizer_path, config):

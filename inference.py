@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
-from checkpoints import find_checkpoint, load_model, read_json, unreadable
+from checkpoints import find_checkpoint, initial_args, initial_model, load_model, read_json, unreadable
 from lora import apply_lora, load_lora, merge_lora
-from model import PRESETS, ModelArgs, Transformer, causal_attention, repeat_kv
+from model import causal_attention, repeat_kv
 
 # ----------------------------------------------------------------------------- the cache
 
@@ -316,17 +316,16 @@ def load_models(path, device, dtype, base=True):
         raise FileNotFoundError(f"{tok_path}: tokenizer not found (train.py copies it into every checkpoint)")
     tok = data.Tokenizer(tok_path)
 
-    def initial_model(args):
-        if config["init"] != "scratch":
-            return load_model(config["init"], device, dtype)
-        args = args or ModelArgs(**{**PRESETS[config["preset"]], "vocab_size": tok.vocab_size})  # as train.py
-        return Transformer(args).init_weights(config["seed"]).to(device, dtype)  # on the CPU, as train.py
+    def initial(args):  # as train.py makes it
+        if config["init"] == "scratch" and args is None:
+            args = initial_args("scratch", config["preset"], tok.vocab_size)
+        return initial_model(config["init"], args, config["seed"], device, dtype)
 
     if config.get("lora_rank"):  # an adapter on top of the initial model
         adapter = os.path.join(ckpt, "lora.safetensors")
         if not os.path.isfile(adapter):
             raise FileNotFoundError(f"{adapter}: adapter not found (config lora_rank={config['lora_rank']})")
-        base_model = initial_model(None)
+        base_model = initial(None)
         trained = copy.deepcopy(base_model) if base else base_model
         apply_lora(trained, config["lora_rank"], config["lora_alpha"], targets=config["lora_targets"])
         load_lora(trained, adapter)  # its errors name the file and the mismatching key or setting
@@ -334,7 +333,7 @@ def load_models(path, device, dtype, base=True):
         base_model = base_model if base else None
     else:  # every weight trained: the checkpoint holds them all
         trained = load_model(ckpt, device, dtype)
-        base_model = initial_model(trained.args) if base else None
+        base_model = initial(trained.args) if base else None
     if tok.vocab_size > trained.args.vocab_size:
         raise ValueError(f"{tok_path}: {tok.vocab_size} tokens, the model has only {trained.args.vocab_size}")
     for m in (base_model, trained):
