@@ -30,8 +30,8 @@ from checkpoints import model_args
 from configurator import parse_config
 from data import IGNORE
 from lora import LoRALinear, apply_lora, merge_lora
-from memory import checkpointing_mode, estimate_peak, flops_per_token, peak_flops, training_memory
-from model import PRESETS, ModelArgs, Transformer, sdpa_backend
+from memory import checkpointing_mode, estimate_peak, flops_per_token, peak_flops, sdpa_backend, training_memory
+from model import PRESETS, ModelArgs, Transformer
 
 
 @dataclass
@@ -165,7 +165,7 @@ def attempt(fn, *a, **kw):
 def bench_prefix(cfg, model, device, dtype):
     """Eval's shared prefix: P demonstration tokens, Q queries of ~64 tokens with 2 options each.
     Cached (prefill once, pack the queries after it) against re-encoding the prefix per option."""
-    from sample import score_options, score_options_uncached
+    from inference import score_options, score_options_uncached
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(3, model.args.vocab_size, (cfg.prefix,), generator=g).tolist()
     segments = []
@@ -186,7 +186,7 @@ def bench_prefix(cfg, model, device, dtype):
           f"re-encoded {t_plain:.2f} s (est.), speedup {t_plain / t_cached:.1f}x, max score diff {diff:.2e}")
     # sample.py --cache: the encoded prefix written once, then read instead of encoded
     import os, tempfile
-    from sample import load_prefix, new_cache, prefill, save_prefix
+    from inference import load_prefix, new_cache, prefill, save_prefix
     ident = dict(format="manyicl-prefix-cache-1", model="bench", tokenizer="-", dtype=str(dtype), checkpoint="bench")
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"), \
             tempfile.TemporaryDirectory() as d:
@@ -218,7 +218,7 @@ def bench_data(cfg):
     t0 = time.perf_counter()
     encoded, _ = encode_tasks(tasks, tok, cfg.seq_len)
     t_enc = time.perf_counter() - t0
-    n_tok = sum(len(e.input) + len(e.answer) for v in encoded.values() for e in v)
+    n_tok = sum(len(e.input_after_separator) + len(e.answer) for v in encoded.values() for e in v)
     sampler = TrainSampler(encoded, tok.bos_id, cfg.seq_len)
     t0 = time.perf_counter()
     packed = sum(len(sampler.sequence(0, i)[0]) for i in range(50))

@@ -1,6 +1,8 @@
 """
-Checkpoint folders: reading the layouts users download, loading and saving our models, writing
-and finding training checkpoints, and exporting adapters for Hugging Face PEFT.
+Checkpoint folders: reading the layouts users download, loading and saving our models, the model
+training starts from, writing and finding training checkpoints and resuming from them, and
+exporting adapters for Hugging Face PEFT. (A trained checkpoint is loaded for use, base model
+beside it, by inference.load_models.)
 
 Two layouts load wherever a model is accepted (train.py --init, eval.py, sample.py, bench.py):
   Mistral's        params.json + consolidated.safetensors (+ tokenizer.model.v3 or tokenizer.model)
@@ -11,7 +13,6 @@ A training checkpoint (out_dir/ckpt-NNNNNN) is Mistral's layout, or a LoRA adapt
 config.json (the training config), tokenizer.model and state.pt (optimizer, step). It is complete
 when it holds DONE: written last, in a .tmp- folder that is then renamed into place.
 """
-import copy
 import errno
 import json
 import os
@@ -22,7 +23,7 @@ from dataclasses import MISSING, fields
 
 import torch
 
-from lora import apply_lora, block_of, load_lora, lora_state_dict, merge_lora, require_lora, save_lora
+from lora import block_of, lora_state_dict, require_lora, save_lora
 from model import PRESETS, ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # this repository: its own base model lives in assets/
@@ -196,6 +197,29 @@ def tokenizer_file(path):
     raise FileNotFoundError(f"{path}: no tokenizer.model.v3 or tokenizer.model")
 
 
+def initial_args(init, preset, vocab_size):
+    """The shape of the model training starts from, read without loading weights (so bad configs
+    fail fast): the checkpoint in folder `init`, or (init="scratch") `preset` with the tokenizer's vocabulary."""
+    if init != "scratch":
+        if not any(os.path.isfile(os.path.join(init, f)) for f in ("params.json", "config.json")):
+            raise FileNotFoundError(f"init={init}: not 'scratch' and not a checkpoint directory "
+                                    f"(no params.json or config.json)")
+        return model_args(init)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
+    return ModelArgs(**{**PRESETS[preset], "vocab_size": vocab_size})
+
+
+def initial_model(init, args, seed, device, dtype):
+    """The model training starts from: the one in folder `init`, or (init="scratch") a fresh
+    `args`-shaped one drawn from `seed` on the CPU, so the same on any device (eval rebuilds it as the base)."""
+    if init != "scratch":
+        return load_model(init, device, dtype)
+    with torch.device("meta"):  # no default init: init_weights draws every weight
+        model = Transformer(args)
+    return model.to_empty(device="cpu").init_weights(seed).to(device, dtype)
+
+
 def load_model(path, device="cpu", dtype=None):
     """A Transformer from a folder of either layout, its weights straight to `device` and `dtype`."""
     device = torch.device(device)
@@ -299,6 +323,47 @@ def unreadable(ckpt, names=("consolidated.safetensors", "lora.safetensors", "sta
     return None
 
 
+def resume_point(out_dir, master):
+    """The checkpoint a rerun resumes from: the newest complete one in out_dir that can be read, or
+    None to start afresh; none readable is an error. Newer ones that cannot be read are moved aside
+    (rank 0 moves them, `master`), out of the ckpt-* names: else the rerun would not save their
+    steps again, and would rotate them wrongly."""
+    ckpts, problems = find_checkpoints(out_dir), {}
+    for ckpt in reversed(ckpts):  # the newest that can be read
+        problems[ckpt] = unreadable(ckpt)
+        if problems[ckpt] is None:
+            break
+    resume = next((c for c, why in problems.items() if why is None), None)
+    if ckpts and resume is None:
+        raise ValueError(f"none of the {len(ckpts)} checkpoints in {out_dir} can be read; the newest: "
+                         f"{problems[ckpts[-1]]}. Move them away to start afresh")
+    if len(problems) > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has looked before rank 0 moves the broken ones away
+    for ckpt, why in problems.items():
+        if why and master:
+            moved = os.path.join(out_dir, "unreadable-" + os.path.basename(ckpt))
+            print(f"warning: {why}\n  checkpoint {ckpt} cannot be read: resuming from {resume}; moved to {moved}", flush=True)
+            shutil.rmtree(moved, ignore_errors=True)  # a broken copy of the same step, from before
+            os.replace(ckpt, moved)
+    return resume
+
+
+def trim_log(path, step):
+    """Keep the log lines of steps up to `step` (the resumed one; 0 for a fresh start), so the steps
+    run again after a kill are logged once. Rewritten atomically."""
+    def kept(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            return False
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [l.rstrip("\n") + "\n" for l in f if kept(l)]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+
+
 def write_checkpoint(out_dir, step, model, optimizer, tokenizer_path, config):
     """out_dir/ckpt-{step:06d}: the weights (the adapter alone when the model has LoRA),
     tokenizer.model, config.json, state.pt (optimizer and step), then DONE; written in a .tmp-
@@ -341,45 +406,3 @@ def initial_path(config):
             return path
     raise FileNotFoundError(f"the checkpoint's base model init={config['init']} is not found; looked in "
                             + ", ".join(dict.fromkeys(filter(None, tries))))
-
-
-def load_models(path, device, dtype, base=True):
-    """(base, trained, tokenizer, config) from a checkpoint or an out_dir (its newest checkpoint).
-    The base is what training started from: the random init of init='scratch' (same seed, same
-    shape), else the model in `init`. base=False skips it (None)."""
-    from data import Tokenizer
-    ckpt = find_checkpoint(path)
-    why = unreadable(ckpt, ("consolidated.safetensors", "lora.safetensors", "config.json"))
-    if why:
-        raise ValueError(f"{why}\n  checkpoint {ckpt} cannot be read; pass an older ckpt-* folder to use that one")
-    config = dict(read_json(os.path.join(ckpt, "config.json")), checkpoint=ckpt)
-    tok_path = os.path.join(ckpt, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise FileNotFoundError(f"{tok_path}: tokenizer not found (train.py copies it into every checkpoint)")
-    tok = Tokenizer(tok_path)
-
-    def initial_model(args):
-        if config["init"] != "scratch":
-            return load_model(initial_path(config), device, dtype)
-        args = args or ModelArgs(**{**PRESETS[config["preset"]], "vocab_size": tok.vocab_size})  # as train.py
-        return Transformer(args).init_weights(config["seed"]).to(device, dtype)  # on the CPU, as train.py
-
-    if config.get("lora_rank"):  # an adapter on top of the initial model
-        adapter = os.path.join(ckpt, "lora.safetensors")
-        if not os.path.isfile(adapter):
-            raise FileNotFoundError(f"{adapter}: adapter not found (config lora_rank={config['lora_rank']})")
-        base_model = initial_model(None)
-        trained = copy.deepcopy(base_model) if base else base_model
-        apply_lora(trained, config["lora_rank"], config["lora_alpha"], targets=config["lora_targets"])
-        load_lora(trained, adapter)  # its errors name the file and the mismatching key or setting
-        merge_lora(trained)          # W + BA folded once: eval runs at the base model's speed
-        base_model = base_model if base else None
-    else:  # every weight trained: the checkpoint holds them all
-        trained = load_model(ckpt, device, dtype)
-        base_model = initial_model(trained.args) if base else None
-    if tok.vocab_size > trained.args.vocab_size:
-        raise ValueError(f"{tok_path}: {tok.vocab_size} tokens, the model has only {trained.args.vocab_size}")
-    for m in (base_model, trained):
-        if m is not None:
-            m.eval()
-    return base_model, trained, tok, config

@@ -1,7 +1,8 @@
 """
 Configuration from the command line, nanoGPT-style but typed: a dataclass holds every key with its
 default and a comment; a config file of `key = literal` lines and then --key=value overrides change
-it. Used by train.py and bench.py, each with its own dataclass.
+it. Used by train.py and bench.py, each with its own dataclass. `dtype_named` reads the dtype
+settings of every script (train.py, eval.py, sample.py).
 
     python train.py config/mistral7b.py --lr=2e-4 --max_steps 500
 """
@@ -12,6 +13,11 @@ import io
 import sys
 import tokenize
 from dataclasses import fields
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
 
 
 def parse_config(argv, config_class):
@@ -78,3 +84,11 @@ def convert(value, typ):
         return value.lower() in ("true", "1")
     return {"int": int, "float": float, "str": str}.get(typ, typ)(value)
 
+
+def dtype_named(name, device):
+    """A dtype by name; "auto" or None: bfloat16 on a GPU, float32 on the CPU."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}; got '{name}'")
+    return DTYPES[name]

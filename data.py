@@ -188,9 +188,15 @@ class Tokenizer:
         return self.sp.decode(list(ids))
 
 
-# An example, tokenized once: its input as the first thing after <s>, its input after an example
-# separator, and its answer span. Options (if any) are answer spans of their own.
-Encoded = namedtuple("Encoded", "first_input input answer options")
+class Encoded(namedtuple("Encoded", "input_after_bos input_after_separator answer options")):
+    """An example, tokenized once: its input as the first thing after <s>, its input after an
+    example separator (the separator's tokens included), and its answer span. Options (if any) are
+    answer spans of their own."""
+    __slots__ = ()
+
+    def input_after(self, n_shots):
+        """The input's tokens where pack() puts it after n_shots examples."""
+        return self.input_after_bos if n_shots == 0 else self.input_after_separator
 
 
 def encode_example(tok, ex):
@@ -205,7 +211,7 @@ def encode_tasks(tasks, tok, max_len):
     encoded, skipped = {}, 0
     for name, examples in tasks.items():
         enc = [encode_example(tok, ex) for ex in examples]
-        keep = [e for e in enc if 1 + len(e.first_input) + len(e.answer) <= max_len]
+        keep = [e for e in enc if 1 + len(e.input_after_bos) + len(e.answer) <= max_len]
         skipped += len(enc) - len(keep)
         if not keep:
             raise ValueError(f"task '{name}': all {len(enc)} examples are longer than seq_len={max_len}")
@@ -220,7 +226,7 @@ def pack(encoded, bos_id):
     Used for training sequences *and* evaluation prompts, so the two never drift apart."""
     tokens, spans = [bos_id], []
     for i, ex in enumerate(encoded):
-        tokens += ex.first_input if i == 0 else ex.input
+        tokens += ex.input_after(i)
         spans.append((len(tokens), len(tokens) + len(ex.answer)))
         tokens += ex.answer
     return tokens, spans
@@ -241,22 +247,22 @@ def targets_for(tokens, spans, loss_mask):
     return targets
 
 
+def check_shots(shots):  # train.py calls it too, before anything heavy
+    if shots not in ("random", "stratified"):
+        raise ValueError(f"shots must be random or stratified; got '{shots}'")
+
+
 def shot_order(examples, rng, shots="random"):
-    """The order in which a task's examples become shots. "random": a permutation. "stratified"
-    (option tasks): round-robin over the labels, so every stretch of shots shows each label
-    about equally often, whatever their frequency in the pool; free-form tasks stay random."""
+    """The order in which a task's examples (Encoded) become shots. "random": a permutation.
+    "stratified" (option tasks): round-robin over the labels, so every stretch of shots shows each
+    label about equally often, whatever their frequency in the pool; free-form tasks stay random."""
+    check_shots(shots)
     order = rng.permutation(len(examples))
-    if shots == "random":
-        return order
-    if shots != "stratified":
-        raise ValueError(f"shots must be 'random' or 'stratified', got {shots!r}")
-    answer = lambda ex: tuple(ex.answer) if isinstance(ex, Encoded) else ex["output"]
-    has_options = lambda ex: bool(ex.options if isinstance(ex, Encoded) else ex.get("options"))
-    if not all(has_options(examples[i]) for i in order):
+    if shots == "random" or not all(examples[i].options for i in order):
         return order
     by_label = {}
-    for i in order:  # each label's examples, in the permutation's order
-        by_label.setdefault(answer(examples[i]), []).append(i)
+    for i in order:  # each label's examples (by the answer's tokens), in the permutation's order
+        by_label.setdefault(tuple(examples[i].answer), []).append(i)
     queues, out = list(by_label.values()), []
     for r in range(max(map(len, queues))):  # one round: one example of each label, in a fresh order,
         out += [queues[j][r] for j in rng.permutation(len(queues)) if r < len(queues[j])]  # so no period to learn
@@ -270,7 +276,7 @@ def fill(examples, max_len, max_shots=None):
     integer k takes the first k examples of the same order (eval.draw_demos)."""
     chosen, length = [], 1  # <s>
     for ex in examples:
-        cost = len(ex.first_input if not chosen else ex.input) + len(ex.answer)
+        cost = len(ex.input_after(len(chosen))) + len(ex.answer)
         if length + cost > max_len or (max_shots is not None and len(chosen) == max_shots):
             break
         chosen.append(ex)
@@ -278,16 +284,12 @@ def fill(examples, max_len, max_shots=None):
     return chosen
 
 
-def build_sequence(examples, tokenizer, max_len, loss_mask="all", seed=0, max_shots=None, bos_id=None, shots="random"):
-    """One task's examples (raw dicts or `Encoded`), ordered by `seed` (see shot_order), packed
-    until the next one would not fit in `max_len` (at most `max_shots`). Returns (tokens,
-    targets): equal-length int64 arrays, targets shifted (targets_for)."""
-    if loss_mask not in ("all", "last", "none"):
-        raise ValueError(f"loss_mask must be 'all', 'last' or 'none', got {loss_mask!r}")
-    bos_id = tokenizer.bos_id if bos_id is None else bos_id
-    encode = lambda ex: ex if isinstance(ex, Encoded) else encode_example(tokenizer, ex)
-    order = shot_order(examples, np.random.default_rng(seed), shots)
-    chosen = fill((encode(examples[i]) for i in order), max_len, max_shots)
+def build_sequence(encoded, bos_id, max_len, loss_mask="all", seed=0, max_shots=None, shots="random"):
+    """One task's examples (Encoded), ordered by `seed` (see shot_order), packed until the next
+    one would not fit in `max_len` (at most `max_shots`). Returns (tokens, targets): equal-length
+    int64 arrays, targets shifted (targets_for)."""
+    order = shot_order(encoded, np.random.default_rng(seed), shots)
+    chosen = fill((encoded[i] for i in order), max_len, max_shots)
     if not chosen:
         raise ValueError(f"the first example drawn does not fit in max_len={max_len}")
     tokens, spans = pack(chosen, bos_id)
@@ -313,8 +315,8 @@ class TrainSampler:
     def sequence(self, step, index):
         rng = np.random.default_rng([self.seed, step, index])
         task = self.names[rng.choice(len(self.names), p=self.probs)]
-        return build_sequence(self.tasks[task], None, self.max_len, self.loss_mask, seed=int(rng.integers(2**31)),
-                              max_shots=self.max_shots, bos_id=self.bos_id, shots=self.shots)
+        return build_sequence(self.tasks[task], self.bos_id, self.max_len, self.loss_mask, seed=int(rng.integers(2**31)),
+                              max_shots=self.max_shots, shots=self.shots)
 
 
 def collate(sequences, pad_to=None):

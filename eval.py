@@ -26,7 +26,7 @@ worst over seeds of each task's main metric, then macro-averaged over tasks.
 
 Shared prefix: every query of a task at one (k, seed) follows the same demonstrations, so they are
 encoded once into a KV cache; then many queries (x options) are packed *after* it in one row, each
-attending to the prefix and to its own tokens only, at its own positions (sample.py holds this
+attending to the prefix and to its own tokens only, at its own positions (inference.py holds this
 KV-cache inference: prefill, extend, score_options, generate). Perplexity: see `perplexity`.
 """
 import argparse
@@ -42,9 +42,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from checkpoints import load_models
-from model import dtype_named
-from sample import generate, new_cache, score_options
+from configurator import dtype_named
+from inference import generate, load_models, new_cache, score_options
 from suite import SUITE_DIR, ensure_suite
 
 # ----------------------------------------------------------------------------- metrics
@@ -95,14 +94,9 @@ def macro_f1(predictions, golds):
 
 # ----------------------------------------------------------------------------- prompts
 
-def query_input(query, n_demos):
-    """A query's tokens as pack() places them: right after <s>, or after an example separator."""
-    return query.first_input if n_demos == 0 else query.input
-
-
 def answer_room(queries, n_demos):
     """Tokens the longest test query plus its longest answer (or option) needs after the prefix."""
-    return max(len(query_input(q, n_demos)) + max(map(len, q.options or [q.answer])) for q in queries)
+    return max(len(q.input_after(n_demos)) + max(map(len, q.options or [q.answer])) for q in queries)
 
 
 def draw_demos(pool, k, seed, seq_len, room, shots="random"):
@@ -128,7 +122,7 @@ def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tok
     """Metrics of every query (raw example, Encoded) after one set of demonstrations, and how many
     tokens were forwarded with the shared prefix versus re-encoding every prompt from scratch."""
     prefix = data.pack(demos, tok.bos_id)[0]  # the same function as training; [<s>] for k=0
-    inputs = [query_input(q, len(demos)) for _, q in queries]
+    inputs = [q.input_after(len(demos)) for _, q in queries]
     golds = [ex["output"] for ex, _ in queries]
     if queries[0][0]["options"]:
         segments = [(x, o) for x, (_, q) in zip(inputs, queries) for o in q.options]
@@ -175,23 +169,24 @@ def encode_eval_task(name, pool, examples, tok, seq_len, max_test=None):
     return [data.encode_example(tok, ex) for ex in pool], fits
 
 
-def load_eval_tasks(paths, tok, seq_len, max_test=None):
-    """task -> (pool, test queries): one pool and one test set per task, for every seed."""
+def load_eval_tasks(paths, tok, seq_len, seeds, max_test=None):
+    """task -> seed -> (pool, test queries, None): one pool and one test set per task, for every seed."""
     pools, tests = data.load_tasks(paths, split="train"), data.load_tasks(paths, split="test")
     for name in sorted(set(pools) - set(tests)):
         print(f"note: task '{name}' has demonstrations but no test split: left out")
-    return {name: encode_eval_task(name, pools.get(name, []), examples, tok, seq_len, max_test)
-            for name, examples in tests.items()}
+    encoded = {name: encode_eval_task(name, pools.get(name, []), examples, tok, seq_len, max_test)
+               for name, examples in tests.items()}
+    return {name: {s: (pool, queries, None) for s in seeds} for name, (pool, queries) in encoded.items()}
 
 
 def evaluate(models, tok, tasks, ks, seeds, seq_len, batch_tokens=2048, max_new_tokens=32, shots="random",
              option_score="sum"):
-    """The k sweep for every task, model, k and seed; returns the results (see main) as a dict."""
+    """The k sweep for every task, model, k and seed; returns the results (see main) as a dict.
+    tasks: task -> seed -> (pool, test queries, the pool's file or None), as load_eval_tasks returns."""
     caches = {name: new_cache(m, seq_len + batch_tokens) for name, m in models.items()}
     timing = {name: dict(seconds=0.0, tokens_forwarded=0, tokens_uncached=0) for name in models}
     results, bar = {}, tqdm(total=len(tasks) * len(ks) * len(seeds) * len(models), desc="eval", unit="prompt")
-    for task, by_seed in tasks.items():  # (pool, queries) for every seed, or seed -> (pool, queries, pool file)
-        by_seed = by_seed if isinstance(by_seed, dict) else {s: (*by_seed, None) for s in seeds}
+    for task, by_seed in tasks.items():
         options = bool(by_seed[seeds[0]][1][0][0]["options"])
         sizes = [{str(s): len(v[i]) for s, v in by_seed.items()} for i in (0, 1)]  # one number if the seeds agree
         n_pool, n_test = (next(iter(c.values())) if len(set(c.values())) == 1 else c for c in sizes)
@@ -370,7 +365,7 @@ def main(argv=None):
         tasks = {name: {s: (*read(name, pool, test), pool) for s, (pool, test) in files.items()}
                  for name, files in data.setting_eval_files(task_paths[0], a.setting, seeds).items()}
     else:
-        tasks = load_eval_tasks(task_paths, tok, seq_len, a.max_test)
+        tasks = load_eval_tasks(task_paths, tok, seq_len, seeds, a.max_test)
     results = dict(checkpoint=config["checkpoint"], config=config,
                    settings=dict(tasks=task_paths, setting=a.setting, ks=[str(k) for k in ks], seeds=seeds, seq_len=seq_len,
                                  max_test=a.max_test, batch_tokens=a.batch_tokens, max_new_tokens=a.max_new_tokens,

@@ -1,7 +1,7 @@
 """
-What a training step costs: FLOPs per token (for MFU), the bytes a block keeps for the backward
-pass, and the activation-checkpointing plan that fits a memory budget. Figures quoted here are
-the ones RESULTS.md reports (bench.py on one H100).
+What a training step costs and how it runs: FLOPs per token (for MFU), the bytes a block keeps
+for the backward pass, the activation-checkpointing plan that fits a memory budget, and the SDPA
+kernel. Figures quoted here are the ones RESULTS.md reports (bench.py on one H100).
 """
 import torch
 
@@ -99,6 +99,20 @@ def checkpointing_mode(name, model=None, cfg=None, dtype=torch.float32):
     fixed, estimate = training_memory(model, dtype)
     return plan_checkpointing(model.args, cfg.seq_len, cfg.batch_size, budget, fixed, **estimate)
 
+
+def sdpa_backend(name):
+    """Context manager pinning SDPA to one kernel ("flash", "cudnn", "efficient", "math"), or
+    leaving PyTorch's choice ("auto"). Wrap forward *and* backward: activation checkpointing
+    re-runs attention during the backward pass and must pick the same kernel again."""
+    import contextlib
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    if name not in kernels:
+        raise ValueError(f"sdpa_backend must be auto or one of {sorted(kernels)}, got '{name}'")
+    return sdpa_kernel([kernels[name]])
 
 
 def peak_flops(device):

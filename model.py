@@ -5,7 +5,8 @@ Parameter names follow Mistral's own checkpoints (tok_embeddings, layers.N.atten
 feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), and RoPE rotates *adjacent*
 pairs of dimensions (0,1), (2,3), ... as Mistral's reference code does, so a native
 `consolidated.safetensors` loads with no permutation. Reading checkpoint folders (Mistral's and
-Hugging Face's layouts) lives in checkpoints.py; memory planning in memory.py.
+Hugging Face's layouts) lives in checkpoints.py; memory planning in memory.py; the KV cache and
+the attention only inference needs in inference.py.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -16,17 +17,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa= arrived in 2.5
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
-
-
-def dtype_named(name, device):
-    """A dtype by name; "auto" or None: bfloat16 on a GPU, float32 on the CPU."""
-    if name in (None, "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}; got '{name}'")
-    return DTYPES[name]
 
 
 @dataclass
@@ -92,18 +82,6 @@ def apply_rope(x, cos, sin):
     return out.flatten(-2).type_as(x)
 
 
-class KVCache:
-    """Preallocated keys/values for every layer. `length` is how many positions are filled;
-    setting it back (e.g. to a shared prefix's length) discards what came after."""
-
-    def __init__(self, args, batch_size, max_len, device, dtype):
-        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.length = 0
-        self.max_len = max_len
-
-
 def project(x, *linears):
     """x through several linears that all read it (wq, wk, wv; w1, w3). A module class may do them
     together in a static `project_many(x, linears)`: lora.py's shares one matmul for their A's."""
@@ -128,107 +106,25 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
 
-        if cache is not None:
-            # Inference path: write the new keys/values at cache.length. With keys before them,
-            # attend to all filled positions; `attn_mask` (T, M) covers the last M of them, so that eval
-            # packs several queries after one prefix, each seeing the prefix and its own tokens.
-            start = cache.length
-            cache.k[layer_id][:B, :, start:start + T] = k
-            cache.v[layer_id][:B, :, start:start + T] = v
-            if start > 0 or attn_mask is not None:
-                if attn_mask is None and T > 1:  # causal among the new tokens, all earlier ones visible
-                    attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                k, v = cache.k[layer_id][:B, :, :start + T], cache.v[layer_id][:B, :, :start + T]
-                return self.wo(cached_attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, T, -1))
-        # Training path (and a cache's first tokens): plain causal attention, no mask tensor, GQA
-        # without copying K/V, so on a GPU in bf16 SDPA may pick its flash (or cuDNN) kernel.
-        if SDPA_HAS_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if cache is not None:  # inference: the cache stores k, v and attends over all it holds (inference.py)
+            y = cache.attend(layer_id, q, k, v, attn_mask)
         else:
-            y = F.scaled_dot_product_attention(q, *repeat_kv(k, v, self.n_heads), is_causal=True)
+            y = causal_attention(q, k, v)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def sdpa_backend(name):
-    """Context manager pinning SDPA to one kernel ("flash", "cudnn", "efficient", "math"), or
-    leaving PyTorch's choice ("auto"). Wrap forward *and* backward: activation checkpointing
-    re-runs attention during the backward pass and must pick the same kernel again."""
-    import contextlib
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    if name not in kernels:
-        raise ValueError(f"sdpa_backend must be auto or one of {sorted(kernels)}, got '{name}'")
-    return sdpa_kernel([kernels[name]])
+def causal_attention(q, k, v):
+    """Plain causal attention over full sequences: no mask tensor, GQA without copying K/V, so on a
+    GPU in bf16 SDPA may pick its flash (or cuDNN) kernel. q (B, H, T, hd), k and v (B, Hkv, T, hd)."""
+    if SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, *repeat_kv(k, v, q.shape[1]), is_causal=True)
 
 
 def repeat_kv(k, v, n_heads):
     """Each KV head serves n_heads // n_kv_heads query heads: copy it that many times."""
     rep = n_heads // k.shape[1]
     return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-
-
-def cached_attention(q, k, v, attn_mask=None):
-    """q (B, H, T, hd) against cached k, v (B, Hkv, S, hd); attn_mask (T, M) covers the last M keys and
-    every query sees all S - M keys before them (a shared prefix; None: M = 0). A dense
-    (T, S) mask would drop SDPA off its fast kernels and cost, at a 32K prefix, more than the
-    prefix's own attention, so the two parts are attended separately: the prefix with no mask
-    (the H // Hkv query heads of a KV head stacked as rows: GQA without copying K/V), the masked
-    rest by masked_attention_lse, and the two merged by their log-sum-exps, which is exactly
-    softmax attention over the union."""
-    B, H, T, D = q.shape
-    S, M = k.shape[2], 0 if attn_mask is None else attn_mask.shape[-1]
-    parts = []
-    if S > M:
-        y, lse = attention_lse(q.reshape(B, k.shape[1], -1, D), k[:, :, :S - M], v[:, :, :S - M])
-        parts.append((y.reshape(B, H, T, D).float(), lse.reshape(B, H, T, 1).float()))
-    if M:
-        parts.append(masked_attention_lse(q, k[:, :, S - M:], v[:, :, S - M:], attn_mask))
-    if len(parts) == 1:
-        return parts[0][0].type_as(q)
-    (y1, lse1), (y2, lse2) = parts
-    total = torch.logaddexp(lse1, lse2)
-    return (y1 * (lse1 - total).exp() + y2 * (lse2 - total).exp()).type_as(q)
-
-
-def masked_attention_lse(q, k, v, attn_mask, rows=256):
-    """Attention of q (B, H, T, hd) to k, v (B, Hkv, M, hd) under a (T, M) mask, with its
-    log-sum-exp (B, H, T, 1), in fp32: a block of rows at a time, against only the span of columns
-    that block's mask touches. Queries packed after a prefix see a few keys of their own segment,
-    so this is a small part of the dense (T, M) scores (1/16 for 64-token segments in 2048)."""
-    B, H, T, D = q.shape
-    M = attn_mask.shape[-1]
-    k, v = repeat_kv(k.float(), v.float(), H)
-    seen = torch.cat([attn_mask, attn_mask.new_zeros(-T % rows, M)]).view(-1, rows, M).any(1)  # (blocks, M)
-    spans = torch.stack([seen.int().argmax(-1), M - seen.flip(-1).int().argmax(-1)], 1).tolist()
-    ys, lses = [], []
-    for r, (a, b) in zip(range(0, T, rows), spans):
-        s = q[:, :, r:r + rows].float() @ k[:, :, a:b].transpose(-1, -2) * D ** -0.5
-        s.masked_fill_(~attn_mask[r:r + rows, a:b], float("-inf"))
-        top = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)  # a row all masked: no nan
-        p = (s - top).exp_()
-        total = p.sum(-1, keepdim=True)
-        ys.append(p @ v[:, :, a:b] / total.clamp_min(1e-30))
-        lses.append(top + total.log())
-    return torch.cat(ys, 2), torch.cat(lses, 2)
-
-
-def attention_lse(q, k, v):
-    """Unmasked attention and the log-sum-exp of each query's scores (B, H, T), which is needed to
-    merge it with attention over other keys. F.scaled_dot_product_attention does not return it;
-    its fused kernels' own ops do (flash on CPU and, in bf16/fp16, on CUDA; mem-efficient else)."""
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
-    if q.device.type == "cuda":
-        y, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
-        return y, lse[..., :q.shape[2]]  # the kernel pads its lse rows to a multiple of 32
-    s = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5  # other devices: plain
-    lse = s.logsumexp(-1)
-    return ((s - lse[..., None]).exp() @ v.float()).type_as(q), lse
 
 
 class FeedForward(nn.Module):
@@ -306,13 +202,13 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, cache=None, positions=None, attn_mask=None):
         """tokens (B, T). Without targets: logits (B, T, vocab). With targets (B, T), shifted so
         that targets[t] is the token after tokens[t] and negative (data.IGNORE) where unsupervised: the mean
-        cross-entropy over supervised positions, computed without full-vocabulary logits."""
+        cross-entropy over supervised positions, computed without full-vocabulary logits.
+        Inference passes inference.KVCache: the tokens follow what it holds, at `positions` (default:
+        the next ones), attending to it under `attn_mask` (see KVCache.attend)."""
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
+        start = cache.reserve(T) if cache is not None else 0  # the cache's filled length, once T more fit
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; {start} filled + {T} new do not fit")
         # the longest context any token sees: its position + 1 (packed eval segments share a cache)
         self.check_length(int(positions.max()) + 1 if cache is not None else T)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 
-from data import EXAMPLE_SEPARATOR, build_sequence, targets_for, write_jsonl
+from data import EXAMPLE_SEPARATOR, build_sequence, encode_example, targets_for, write_jsonl
 
 SUITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "suite")
 # the suite is spelled in the vocabulary of the base model it fine-tunes: a copy of its tokenizer
@@ -207,8 +207,8 @@ class SuiteSampler:
         rng = np.random.default_rng([self.seed, step, index])
         draw, rule, options = suite_instance(self.families[rng.integers(len(self.families))], rng)
         inputs = [str(draw(rng)) for _ in range(self.max_len // 4)]  # more than fit: >= 4 tokens each
-        examples = [dict(input=x, output=rule(x), options=options) for x in inputs]
-        return build_sequence(examples, self.tok, self.max_len, self.loss_mask, seed=int(rng.integers(2**31)),
+        examples = [encode_example(self.tok, dict(input=x, output=rule(x), options=options)) for x in inputs]
+        return build_sequence(examples, self.tok.bos_id, self.max_len, self.loss_mask, seed=int(rng.integers(2**31)),
                               max_shots=self.max_shots, shots=self.shots)
 
 

@@ -23,15 +23,22 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import find_checkpoints, load_model, model_args, tokenizer_file, unreadable, write_checkpoint
-from configurator import parse_config
-from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, collate, encode_tasks, load_tasks, read_setting, setting_file
+from checkpoints import (find_checkpoints, initial_args, initial_model, load_model, resume_point, tokenizer_file, trim_log,
+                         write_checkpoint)
+from configurator import dtype_named, parse_config
+from data import (IGNORE, Prefetcher, TrainSampler, Tokenizer, check_shots, collate, encode_tasks, load_tasks, read_setting,
+                  setting_file)
 from lora import apply_lora, load_lora
-from memory import checkpointing_mode, flops_per_token, peak_flops
-from model import PRESETS, ModelArgs, Transformer, dtype_named, sdpa_backend
-from suite import HELD_IN, GenericSampler, SuiteSampler, ensure_suite
+from memory import checkpointing_mode, flops_per_token, peak_flops, sdpa_backend
+from suite import HELD_IN, SUITE_DIR, GenericSampler, SuiteSampler, ensure_suite
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# AdamW's betas as in GPT-3, LLaMA and nanoGPT: beta2 = 0.95 forgets old squared gradients faster
+# than PyTorch's 0.999, which keeps steps stable when the gradients' scale changes
+ADAMW_BETAS = (0.9, 0.95)
+# A step's dropout RNG is seeded from (seed, step, rank) alone, so a resumed run draws the masks a
+# straight one does; prime strides keep the seeds of a run's steps and ranks apart
+SEED_STRIDE, STEP_STRIDE = 100_003, 1009
 
 
 @dataclass
@@ -99,15 +106,6 @@ def tokenizer_path(cfg):
     return tokenizer_file(cfg.init)
 
 
-def base_model_args(cfg, vocab_size):
-    """The model's shape, read without loading weights (so bad configs fail fast)."""
-    if cfg.init != "scratch":
-        return model_args(cfg.init)
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
-    return ModelArgs(**{**PRESETS[cfg.preset], "vocab_size": vocab_size})
-
-
 def check_options(cfg, world):
     """Refuse values that cannot work and options that would be silently ignored in this run."""
     if cfg.init != "scratch" and not any(os.path.isfile(os.path.join(cfg.init, f)) for f in ("params.json", "config.json")):
@@ -117,8 +115,7 @@ def check_options(cfg, world):
         raise ValueError(f"grad_accum={cfg.grad_accum} (total micro-steps) is not divisible by world size {world}")
     if cfg.loss_mask not in ("all", "last", "none"):
         raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
-    if cfg.shots not in ("random", "stratified"):
-        raise ValueError(f"shots must be random or stratified; got '{cfg.shots}'")
+    check_shots(cfg.shots)
     default = TrainConfig()
     changed = lambda *names: [n for n in names if getattr(cfg, n) != getattr(default, n)]
     ignored = {  # option -> why it would have no effect
@@ -145,27 +142,75 @@ def check_options(cfg, world):
         raise ValueError("data=generic is language modelling (every token a target): pass loss_mask=none")
 
 
-def trim_log(path, step):
-    """Keep the log lines of steps up to `step` (the resumed one; 0 for a fresh start), so the steps
-    run again after a kill are logged once. Rewritten atomically."""
-    def kept(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
-            return False
-    if os.path.isfile(path):
-        with open(path) as f:
-            lines = [l.rstrip("\n") + "\n" for l in f if kept(l)]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(path + ".tmp", path)
+def make_samplers(cfg, tok):
+    """The training sampler, the validation one (None without eval_data) and a line about the data."""
+    max_shots = cfg.max_shots or None
+    if cfg.data == "suite" or os.path.abspath(cfg.eval_data) == os.path.join(SUITE_DIR, "dev"):
+        ensure_suite()  # generated once, a few seconds; one rank writes, the others wait (a lock)
+    if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (suite.SuiteSampler)
+        families = cfg.families.split(",") if cfg.families else HELD_IN
+        sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, max_shots, families, cfg.shots)
+        about_data = "built-in suite: a fresh task instance per sequence"
+    elif cfg.data == "generic":  # language-model pre-training on fresh generic stories
+        sampler = GenericSampler(tok, cfg.seq_len, cfg.seed)
+        about_data = "generic text: fresh stories, every token a target"
+    else:  # MetaICL's training files: those of a setting's "train" tasks, or every file given
+        files = ([setting_file(cfg.data, t, 16384, 100, "train") for t in read_setting(cfg.setting, "train")]
+                 if cfg.setting else cfg.data.split(","))
+        train_tasks, skipped = encode_tasks(load_tasks(files, split="train"), tok, cfg.seq_len)
+        sampler = TrainSampler(train_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed, cfg.task_temperature,
+                               max_shots, cfg.shots)
+        about_data = (f"{len(train_tasks)} training tasks, {sum(map(len, train_tasks.values()))} examples "
+                      f"({skipped} skipped: longer than seq_len={cfg.seq_len})")
+    val_sampler = None
+    if cfg.eval_data:
+        val_tasks, _ = encode_tasks(load_tasks(cfg.eval_data.split(","), split="train"), tok, cfg.seq_len)
+        val_sampler = TrainSampler(val_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed + 1, math.inf,  # tasks alike
+                                   max_shots, cfg.shots)
+    return sampler, val_sampler, about_data
+
+
+def all_reduce(values, device):
+    """The sums over ranks (in float64), or the values themselves in a single process."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def validation_loss(model, sampler, cfg, device, autocast):
+    """Token-weighted loss on fixed held-out sequences, sharded over ranks."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for i in range(rank, cfg.eval_sequences, world):
+        x, y = (t.to(device) for t in collate([sampler.sequence(0, i)], cfg.seq_len if cfg.compile else None))
+        n = int((y != IGNORE).sum())
+        with autocast:
+            loss_sum += model(x, y).item() * n
+        count += n
+    model.train()
+    loss_sum, count = all_reduce([loss_sum, count], device)
+    return loss_sum / max(count, 1)
+
+
+def save_checkpoint(cfg, step, model, optimizer, tok, master):
+    """Rank 0 writes out_dir/ckpt-{step} and keeps the newest keep_last; every rank waits for it."""
+    if master:
+        write_checkpoint(cfg.out_dir, step, model, optimizer, tok.path,
+                         {**asdict(cfg), "lora_targets": cfg.lora_targets.split(","),
+                          "init_path": os.path.abspath(cfg.init)})  # eval finds the base from any folder
+        for old in find_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def main(argv):
     cfg = parse_config(argv, TrainConfig)
-    typed_init = cfg.init
     for name in ("init", "eval_data"):  # the defaults live in this repository, wherever it is run from
-        if getattr(cfg, name) == getattr(TrainConfig, name):
+        if getattr(cfg, name) == getattr(TrainConfig, name) and not os.path.exists(getattr(cfg, name)):
             setattr(cfg, name, os.path.join(ROOT, getattr(cfg, name)))
 
     # ---- distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1
@@ -188,65 +233,22 @@ def main(argv):
     micro_steps = cfg.grad_accum // world
     sdpa_backend(cfg.sdpa_backend), checkpointing_mode(cfg.activation_checkpointing)  # validate names
     tok = Tokenizer(tokenizer_path(cfg))
-    args = base_model_args(cfg, tok.vocab_size)
+    args = initial_args(cfg.init, cfg.preset, tok.vocab_size)  # the model's shape, read without loading weights
     if args.max_seq_len is not None and cfg.seq_len > args.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
     if tok.vocab_size > args.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces, the model only {args.vocab_size}")
-    max_shots = cfg.max_shots or None
-    if cfg.data == "suite" or cfg.eval_data == os.path.join(ROOT, TrainConfig.eval_data):
-        ensure_suite()  # generated once, a few seconds; one rank writes, the others wait (a lock)
-    if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (suite.SuiteSampler)
-        families = cfg.families.split(",") if cfg.families else HELD_IN
-        sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, max_shots, families, cfg.shots)
-        about_data = "built-in suite: a fresh task instance per sequence"
-    elif cfg.data == "generic":  # language-model pre-training on fresh generic stories
-        sampler = GenericSampler(tok, cfg.seq_len, cfg.seed)
-        about_data = "generic text: fresh stories, every token a target"
-    else:  # MetaICL's training files: those of a setting's "train" tasks, or every file given
-        files = ([setting_file(cfg.data, t, 16384, 100, "train") for t in read_setting(cfg.setting, "train")]
-                 if cfg.setting else cfg.data.split(","))
-        train_tasks, skipped = encode_tasks(load_tasks(files, split="train"), tok, cfg.seq_len)
-        sampler = TrainSampler(train_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed, cfg.task_temperature,
-                               max_shots, cfg.shots)
-        about_data = (f"{len(train_tasks)} training tasks, {sum(map(len, train_tasks.values()))} examples "
-                      f"({skipped} skipped: longer than seq_len={cfg.seq_len})")
-    val_sampler = None
-    if cfg.eval_data:
-        val_tasks, _ = encode_tasks(load_tasks(cfg.eval_data.split(","), split="train"), tok, cfg.seq_len)
-        val_sampler = TrainSampler(val_tasks, tok.bos_id, cfg.seq_len, cfg.loss_mask, cfg.seed + 1, math.inf,  # tasks alike
-                                   max_shots, cfg.shots)
+    sampler, val_sampler, about_data = make_samplers(cfg, tok)
     print0(f"{about_data}; world size {world}, "
            f"{micro_steps} micro-steps x {cfg.batch_size} sequences per rank, global batch {cfg.batch_size * cfg.grad_accum}")
 
     # ---- model: fresh, or loaded; then LoRA; then resume
-    ckpts, problems = find_checkpoints(cfg.out_dir), {}
-    for ckpt in reversed(ckpts):  # the newest that can be read
-        problems[ckpt] = unreadable(ckpt)
-        if problems[ckpt] is None:
-            break
-    resume = next((c for c, why in problems.items() if why is None), None)
-    if ckpts and resume is None:
-        raise ValueError(f"none of the {len(ckpts)} checkpoints in {cfg.out_dir} can be read; the newest: "
-                         f"{problems[ckpts[-1]]}. Move them away to start afresh")
-    if ddp and len(problems) > 1:
-        dist.barrier()  # every rank has looked before rank 0 moves the broken ones away
-    for ckpt, why in problems.items():
-        if why:  # moved out of the ckpt-* names, or the rerun would not save that step, or rotate wrongly
-            moved = os.path.join(cfg.out_dir, "unreadable-" + os.path.basename(ckpt))
-            print0(f"warning: {why}\n  checkpoint {ckpt} cannot be read: resuming from {resume}; moved to {moved}")
-            if master:
-                shutil.rmtree(moved, ignore_errors=True)  # a broken copy of the same step, from before
-                os.replace(ckpt, moved)
+    resume = resume_point(cfg.out_dir, master)  # the newest readable checkpoint in out_dir, or None
     weights_dtype = dtype if cfg.lora_rank else torch.float32  # frozen base in bf16; trained weights fp32
     if resume and not cfg.lora_rank:
         model = load_model(resume, device, weights_dtype)
-    elif cfg.init == "scratch":  # random init on the CPU (reproducible: eval rebuilds it as the baseline)
-        with torch.device("meta"):
-            model = Transformer(args)
-        model = model.to_empty(device="cpu").init_weights(cfg.seed).to(device, weights_dtype)
-    else:
-        model = load_model(cfg.init, device, weights_dtype)
+    else:  # init's weights, or (init="scratch") a random init on the CPU: eval rebuilds it as the baseline
+        model = initial_model(cfg.init, args, cfg.seed, device, weights_dtype)
     if cfg.lora_rank:
         torch.manual_seed(cfg.seed)  # LoRA's A is drawn from torch's global RNG: a function of the seed, like the rest
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
@@ -257,12 +259,12 @@ def main(argv):
         plan = model.checkpointing_plan()
         print0("activation checkpointing (auto): " + ", ".join(f"{plan.count(s)} {s}" for s in ("full", "selective", "none")))
     params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable")
+    print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+           f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable")
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.95), fused=use_cuda)
+                                  lr=cfg.lr, betas=ADAMW_BETAS, fused=use_cuda)
     step = 0
     if resume:
         state = torch.load(os.path.join(resume, "state.pt"), map_location=device, weights_only=True)
@@ -276,42 +278,9 @@ def main(argv):
     autocast = torch.autocast("cuda", dtype=dtype, enabled=use_cuda and dtype != torch.float32)
 
     # ---- pre-emption: finish the step, write a checkpoint, exit cleanly
-    stop = {"requested": False}
-    def on_signal(signum, frame):
-        stop["requested"] = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    def all_reduce(values):
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def save_checkpoint(step):
-        if master:
-            write_checkpoint(cfg.out_dir, step, model, optimizer, tok.path,
-                             {**asdict(cfg), "lora_targets": cfg.lora_targets.split(","), "init": typed_init,
-                              "init_path": os.path.abspath(cfg.init)})  # eval finds it from any folder
-            for old in find_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
-                shutil.rmtree(old)
-        if ddp:
-            dist.barrier()
-
-    @torch.no_grad()
-    def validation_loss():
-        """Token-weighted loss on fixed held-out sequences, sharded over ranks."""
-        model.eval()
-        loss_sum, count = 0.0, 0
-        for i in range(rank, cfg.eval_sequences, world):
-            x, y = (t.to(device) for t in collate([val_sampler.sequence(0, i)], cfg.seq_len if cfg.compile else None))
-            n = int((y != IGNORE).sum())
-            with autocast:
-                loss_sum += model(x, y).item() * n
-            count += n
-        model.train()
-        loss_sum, count = all_reduce([loss_sum, count])
-        return loss_sum / max(count, 1)
+    signals = []  # the signals received
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: signals.append(signum))
 
     # ---- the loop
     flops = flops_per_token(args, cfg.seq_len, lora=cfg.lora_rank > 0)
@@ -326,7 +295,7 @@ def main(argv):
     model.train()
     while step < cfg.max_steps:
         t0 = time.time()
-        torch.manual_seed(cfg.seed * 100_003 + step * 1009 + rank)  # dropout RNG: a function of (step, rank)
+        torch.manual_seed(cfg.seed * SEED_STRIDE + step * STEP_STRIDE + rank)  # dropout RNG: a function of (step, rank)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -337,13 +306,12 @@ def main(argv):
         sequences = [made[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(micro_steps)]
         pad_to = cfg.seq_len if cfg.compile else None  # fixed shapes: a compiled model never recompiles
         batches = [collate(seqs, pad_to) for seqs in sequences]
-        local_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
+        n_targets = [int((y != IGNORE).sum()) for _, y in batches]  # per micro-batch, counted before any backward
         local_tokens = sum(len(tokens) for seqs in sequences for tokens, _ in seqs)  # real tokens, no padding
-        total_targets, total_tokens = all_reduce([local_targets, local_tokens])
+        total_targets, total_tokens = all_reduce([sum(n_targets), local_tokens], device)
         loss_sum = 0.0
-        for m, (x, y) in enumerate(batches):
+        for m, ((x, y), n) in enumerate(zip(batches, n_targets)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            n = int((y != IGNORE).sum())
             if ddp:
                 forward.require_backward_grad_sync = m == micro_steps - 1  # sync grads only on the last micro-step
             with sdpa_backend(cfg.sdpa_backend):
@@ -353,7 +321,7 @@ def main(argv):
                 # times world because DDP averages gradients over ranks
                 (loss * n / total_targets * world).backward()
             loss_sum += loss.item() * n
-        loss_sum, = all_reduce([loss_sum])
+        loss_sum, = all_reduce([loss_sum], device)
         step_loss = loss_sum / total_targets
         if not math.isfinite(step_loss):
             raise RuntimeError(f"non-finite loss {step_loss} at step {step + 1}; stopping without a checkpoint")
@@ -370,14 +338,14 @@ def main(argv):
             entry["mfu"] = flops * total_tokens / dt / (peak * world)
             entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if val_sampler and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            entry["val_loss"] = validation_loss()
+            entry["val_loss"] = validation_loss(model, val_sampler, cfg, device, autocast)
         if master:
             log.write(json.dumps(entry) + "\n"); log.flush()
             if step % cfg.log_interval == 0 or step == cfg.max_steps or "val_loss" in entry:
                 bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
-        stop_now, = all_reduce([float(stop["requested"])])
+        stop_now, = all_reduce([float(bool(signals))], device)
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop_now:
-            save_checkpoint(step)
+            save_checkpoint(cfg, step, model, optimizer, tok, master)
         if stop_now:
             print0(f"signal received: checkpoint written at step {step}, exiting")
             break

@@ -131,8 +131,8 @@ def curve(out, dest):
     whether every answer token is the model's top choice, in long sequences of fresh instances of
     the held-out families (the same sequences for every model)."""
     import torch
-    from checkpoints import load_models
     from data import IGNORE
+    from inference import load_models
     from suite import HELD_OUT, SuiteSampler
     _, model, tok, config = load_models(out, "cpu", torch.float32, base=False)
     sampler = SuiteSampler(tok, config["seq_len"], "all", seed=424242, families=HELD_OUT)

@@ -51,8 +51,9 @@ def test_masks_position_by_position():
 
 def test_build_sequence_masks_after_packing(tok):
     tasks = [{"input": f"question {i}", "output": f"answer {i}", "options": []} for i in range(60)]
+    encoded = [encode_example(tok, ex) for ex in tasks]
     for mask in ("all", "last", "none"):
-        tokens, targets = build_sequence(tasks, tok, max_len=120, loss_mask=mask, seed=3)
+        tokens, targets = build_sequence(encoded, tok.bos_id, max_len=120, loss_mask=mask, seed=3)
         assert len(tokens) == len(targets) <= 120 and tokens[0] == tok.bos_id
         text = tok.decode(tokens[1:])
         blocks = text.rstrip("\n").split("\n\n\n")
@@ -68,11 +69,11 @@ def test_build_sequence_masks_after_packing(tok):
         if mask == "none":
             assert sup[:-1].all() and not sup[-1]
     # adding the next example would overflow: packing stopped at the right place
-    tokens, _ = build_sequence(tasks, tok, max_len=120, seed=3)
+    tokens, _ = build_sequence(encoded, tok.bos_id, max_len=120, seed=3)
     order = np.random.default_rng(3).permutation(60)
     nxt = encode_example(tok, tasks[order[len(tok.decode(tokens[1:]).rstrip().split("\n\n\n"))]])
-    assert len(tokens) + len(nxt.input) + len(nxt.answer) > 120
-    assert len(build_sequence(tasks, tok, 10_000, seed=0, max_shots=5)[0]) < 200  # max_shots bounds it
+    assert len(tokens) + len(nxt.input_after_separator) + len(nxt.answer) > 120
+    assert len(build_sequence(encoded, tok.bos_id, 10_000, seed=0, max_shots=5)[0]) < 200  # max_shots bounds it
 
 
 def test_sampler_depends_only_on_seed_step_index(tok):
@@ -214,19 +215,20 @@ def test_suite_sampler_draws_a_fresh_hidden_rule_per_sequence(tok):
 def test_stratified_shots_balance_labels_without_a_period(tok):
     from data import shot_order
     pool = [{"input": str(i), "output": "a" if i % 10 else "b", "options": ["a", "b"]} for i in range(100)]  # 90/10
+    encoded = [encode_example(tok, ex) for ex in pool]
     rng = np.random.default_rng
-    assert shot_order(pool, rng(4)).tolist() == rng(4).permutation(100).tolist()  # "random": as before
-    order = shot_order(pool, rng(4), "stratified")
+    assert shot_order(encoded, rng(4)).tolist() == rng(4).permutation(100).tolist()  # "random": as before
+    order = shot_order(encoded, rng(4), "stratified")
     assert sorted(order.tolist()) == list(range(100))  # every example once
     first = [pool[i]["output"] for i in order[:20]]
     assert first.count("a") == first.count("b") == 10  # balanced while both labels last
     starts = [first[r * 2] for r in range(10)]
     assert len(set(starts)) == 2  # the label order changes from round to round: no A B A B period
-    free = [dict(ex, options=[]) for ex in pool]
+    free = [encode_example(tok, dict(ex, options=[])) for ex in pool]
     assert shot_order(free, rng(4), "stratified").tolist() == rng(4).permutation(100).tolist()  # free-form: random
     with pytest.raises(ValueError, match="shots"):
-        shot_order(pool, rng(4), "balanced")
-    tokens, _ = build_sequence(pool, tok, 120, seed=1, shots="stratified")  # fewer than 20 shots fit
+        shot_order(encoded, rng(4), "balanced")
+    tokens, _ = build_sequence(encoded, tok.bos_id, 120, seed=1, shots="stratified")  # fewer than 20 shots fit
     answers = tok.decode(tokens.tolist()).split("\n")[1::4]  # x ⏎y⏎ ⏎⏎ ...
     assert abs(answers.count("a") - answers.count("b")) <= 1
 

@@ -10,7 +10,7 @@ import torch
 
 import data
 import eval as ev
-import sample
+import inference
 from checkpoints import save_model
 from data import Tokenizer, encode_example, pack
 from model import ModelArgs, Transformer
@@ -99,10 +99,10 @@ def test_prompt_is_the_training_format(tok):
     query = dict(input="what is it", output="ans")
     enc = [encode_example(tok, e) for e in demos]
     q = encode_example(tok, query)
-    prompt = pack(enc, tok.bos_id)[0] + ev.query_input(q, len(enc)) + q.answer
+    prompt = pack(enc, tok.bos_id)[0] + q.input_after(len(enc)) + q.answer
     full = "the cat sat\nyes\n\n\na dog ran far\nno\n\n\nred\nmaybe so\n\n\nwhat is it\nans\n"
     assert prompt == tok.encode(full, bos=True) == pack(enc + [q], tok.bos_id)[0]
-    assert pack([], tok.bos_id)[0] + ev.query_input(q, 0) + q.answer == tok.encode("what is it\nans\n", bos=True)
+    assert pack([], tok.bos_id)[0] + q.input_after(0) + q.answer == tok.encode("what is it\nans\n", bos=True)
     # the demonstrations are the first k of the seed's permutation, in that order
     drawn, why = ev.draw_demos(enc, 2, 13, 1000, 10)
     assert why is None and drawn == [enc[i] for i in np.random.default_rng(13).permutation(3)[:2]]
@@ -134,12 +134,12 @@ def test_option_rules_rank_by_summed_or_mean_span_loss(tok):
     for rule in ("sum", "mean"):
         preds = []
         for ex, q in queries:
-            losses = sample.score_options_uncached(model, prefix, [(ev.query_input(q, 4), o) for o in q.options], reduction=rule)
+            losses = inference.score_options_uncached(model, prefix, [(q.input_after(4), o) for o in q.options], reduction=rule)
             preds.append(ex["options"][int(np.argmin(losses))])
         want[rule] = np.mean([p == ex["output"] for p, (ex, _) in zip(preds, queries)])
     assert len({len(o) for _, q in queries for o in q.options}) > 1  # spans of different lengths
     for rule in ("sum", "mean"):
-        res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 1024), pool[:4], queries, tok, 64, 4, option_score=rule)
+        res, _ = ev.evaluate_prompt(model, inference.new_cache(model, 1024), pool[:4], queries, tok, 64, 4, option_score=rule)
         assert res["accuracy_sum"] == pytest.approx(want["sum"]) and res["accuracy_mean"] == pytest.approx(want["mean"])
         assert res["accuracy"] == res[f"accuracy_{rule}"]
 
@@ -160,10 +160,10 @@ def test_option_rules_pick_per_query_where_they_disagree(tok):
     raw = [dict(ex, options=options, output=options[i % 3]) for i, ex in enumerate(examples(10, options=True, seed=5))]
     queries = [(ex, encode_example(tok, ex)) for ex in raw]
     prefix = pack(pool[:3], tok.bos_id)[0]
-    cache, disagree = sample.new_cache(model, 1024), 0
+    cache, disagree = inference.new_cache(model, 1024), 0
     for ex, q in queries:
         spans = [q.options[i] for i in range(len(options))]
-        nll = np.array([span_nll(model, prefix + ev.query_input(q, 3), y) for y in spans])
+        nll = np.array([span_nll(model, prefix + q.input_after(3), y) for y in spans])
         want = {"sum": options[int(np.argmin(nll))], "mean": options[int(np.argmin(nll / [len(y) for y in spans]))]}
         disagree += want["sum"] != want["mean"]
         for rule in ("sum", "mean"):
@@ -189,9 +189,9 @@ def test_answer_loss_is_the_gold_answers_loss(tok, options):
     model = random_model(tok)
     pool = [encode_example(tok, e) for e in examples(5, options=options, seed=1)]
     queries = [(ex, encode_example(tok, ex)) for ex in examples(4, options=options, seed=2)]
-    res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 1024), pool[:3], queries, tok, 64, 4)
-    ref = sample.score_options_uncached(model, pack(pool[:3], tok.bos_id)[0],
-                                    [(ev.query_input(q, 3), q.answer) for _, q in queries], reduction="mean")
+    res, _ = ev.evaluate_prompt(model, inference.new_cache(model, 1024), pool[:3], queries, tok, 64, 4)
+    ref = inference.score_options_uncached(model, pack(pool[:3], tok.bos_id)[0],
+                                    [(q.input_after(3), q.answer) for _, q in queries], reduction="mean")
     assert res["answer_loss"] == pytest.approx(np.mean(ref), abs=1e-4)
 
 
@@ -205,8 +205,8 @@ def test_one_prompt_encodes_its_prefix_once(tok, options):
     pool = [encode_example(tok, e) for e in examples(60, options=options, seed=1)]
     queries = [(ex, encode_example(tok, ex)) for ex in examples(2, options=options, seed=2)]
     prefix = pack(pool, tok.bos_id)[0]
-    _, stats = ev.evaluate_prompt(model, sample.new_cache(model, 2048), pool, queries, tok, 256, 4)
-    inputs = [ev.query_input(q, len(pool)) for _, q in queries]
+    _, stats = ev.evaluate_prompt(model, inference.new_cache(model, 2048), pool, queries, tok, 256, 4)
+    inputs = [q.input_after(len(pool)) for _, q in queries]
     gold = sum(len(x) + len(q.answer) for x, (_, q) in zip(inputs, queries))
     if options:
         segments = sum(len(x) + len(o) for x, (_, q) in zip(inputs, queries) for o in q.options)
