@@ -30,3 +30,19 @@ def test_an_option_without_effect_is_refused(flags, named, tmp_path):
                                    ["--activation_checkpointing=auto", "--memory_budget_gib=1", "--max_steps=0"]])
 def test_the_same_options_where_they_act_are_accepted(flags, tmp_path):
     train.main([*flags, f"--out_dir={tmp_path}", "--eval_data="])
+
+
+def test_the_validation_sequences_follow_every_option_of_the_training_ones(tmp_path):
+    """Validation is packed like training: same loss mask, shot count and shot order, on eval_data."""
+    from data import Tokenizer, TrainSampler, encode_tasks, load_tasks
+    from suite import make_suite
+    suite = make_suite(str(tmp_path / "s"), instances=(1, 1), n_train=(8, 60), n_test=4)
+    cfg = train.parse_config([f"--eval_data={suite}/dev", "--shots=stratified", "--max_shots=5", "--loss_mask=last",
+                              "--seq_len=256"], train.TrainConfig)
+    tok = Tokenizer(f"{suite}/tokenizer.model")
+    _, val, _ = train.make_samplers(cfg, tok)
+    tasks, _ = encode_tasks(load_tasks([f"{suite}/dev"], split="train"), tok, 256)
+    for shots, mask, n in (("stratified", "last", 5), ("random", "last", 5), ("stratified", "all", 5), ("stratified", "last", 6)):
+        same = TrainSampler(tasks, tok.bos_id, 256, mask, cfg.seed + 1, float("inf"), n, shots)
+        equal = all(a.shape == b.shape and (a == b).all() for i in range(4) for a, b in zip(val.sequence(0, i), same.sequence(0, i)))
+        assert equal == ((shots, mask, n) == ("stratified", "last", 5)), (shots, mask, n)
