@@ -101,6 +101,11 @@ def input_picker(rng, split, kinds=("word", "number", "letters", "phrase")):
             "phrase": lambda r: " ".join(r.choice(words, 2))}[kind]
 
 
+def letters(r, lo=3, hi=8):
+    """A fresh string of lo..hi-1 random letters: never a word, rarely drawn twice."""
+    return "".join(r.choice(list(LETTERS), int(r.integers(lo, hi))))
+
+
 def keys_and_values(rng, split, n):
     """A hidden dictionary of n keys to n answers, keys and answers each of a kind drawn per instance."""
     pick = input_picker(rng, split)
@@ -116,45 +121,52 @@ def suite_instance(family, rng):
     labels = label_words(rng, split, 4)
     pick_word = input_picker(rng, split, ("word", "letters"))
     pick_number = lambda r: str(int(r.integers(100)))
-    # ---- held-in: classification by a hidden feature or a hidden table, string and number rules
-    if family == "category_label":      # which category, named by label words
-        cats = list(rng.choice(sorted(WORDS), size=3, replace=False))
-        label_of = {w: labels[i] for i, c in enumerate(cats) for w in WORDS[c]}
-        return lambda r: r.choice(WORDS[r.choice(cats)]), label_of.get, labels[:3]
-    if family == "word_label":          # a hidden, arbitrary label for every key: only recall solves it
-        keys, _ = keys_and_values(rng, split, int(rng.integers(6, 13)))
-        label_of = {k: labels[i % 4] for i, k in enumerate(keys)}  # every label used
-        return lambda r: keys[int(r.integers(len(keys)))], label_of.get, labels
-    if family == "contains_letter":     # does the input contain a hidden letter?
-        ch = str(rng.choice(list("aeioulnrst")))
-        return pick_word, lambda w: labels[int(ch in w)], labels[:2]
-    if family == "first_letter":        # is the first letter in a hidden half of the alphabet?
-        half = set(rng.permutation(list(LETTERS))[:13])
-        return pick_word, lambda w: labels[int(w[0] in half)], labels[:2]
-    if family == "parity":              # even or odd, named by label words
-        return pick_number, lambda n: labels[int(n) % 2], labels[:2]
-    if family == "number_threshold":    # at least a hidden number?
-        t = int(rng.integers(20, 80))
-        return pick_number, lambda n: labels[int(int(n) >= t)], labels[:2]
-    if family == "lookup":              # a hidden dictionary: keys and answers of any kind
-        keys, book = keys_and_values(rng, split, int(rng.integers(4, 13)))
-        return lambda r: keys[int(r.integers(len(keys)))], book.get, []
-    if family == "caesar":              # shift letters by a hidden k
-        k = int(rng.integers(1, 6))
-        return (lambda r: "".join(r.choice(list(LETTERS), 4)),
-                lambda w: "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in w), [])
-    if family == "string_op":           # a hidden transformation, or two of them composed
-        ops = {"reverse": lambda w: w[::-1], "upper": str.upper, "double": lambda w: w + w,
-               "first2": lambda w: w[:2], "first3": lambda w: w[:3], "drop_first": lambda w: w[1:]}
+    # ---- held-in: what a general in-context learner does, each instance a new rule and new labels.
+    # Inputs are mostly fresh letter strings, so a query is rarely a copy of a demonstration:
+    # recall of the same key does not answer it, reading the rule from the demonstrations does.
+    if family == "feature_label":       # the label goes with one feature: a letter at a place, a digit, ...
+        n, ch, kind = int(rng.integers(2, 4)), str(rng.choice(list(LETTERS))), int(rng.integers(7))
+        group = dict(zip(LETTERS + "0123456789", (labels[i] for i in rng.integers(n, size=36))))  # hidden partition
+        if kind < 3:                    # the first, second or last letter's group
+            return letters, lambda x: group[x[(0, 1, -1)[kind]]], labels[:n]
+        if kind == 3:                   # the last digit's group
+            return lambda r: str(int(r.integers(10, 1000))), lambda x: group[x[-1]], labels[:n]
+        plant = [lambda w, i: w[:i] + ch + w[i:], lambda w, i: w[:i + 1] + w[i:], lambda w, i: w + w[i]][kind - 4]
+        test = [lambda x: ch in x, lambda x: any(p == q for p, q in zip(x, x[1:])), lambda x: len(x) % 2 == 0][kind - 4]
+        def draw(r):                    # the feature present about half the time
+            w = letters(r)
+            return plant(w, int(r.integers(len(w)))) if r.random() < 0.4 else w
+        return draw, lambda x: labels[int(test(x))], labels[:2]
+    if family == "part_label":          # the label goes with one part of a two-part input, the other part noise
+        keys, first = list(dict.fromkeys(input_picker(rng, split, ("word", "letters"))(rng) for _ in range(20)))[:int(rng.integers(3, 7))], rng.random() < 0.5
+        label_of = {k: labels[i % 4] for i, k in enumerate(keys)}
+        def draw(r):
+            key, noise = keys[int(r.integers(len(keys)))], letters(r, 2, 5)
+            return f"{key} {noise}" if first else f"{noise} {key}"
+        return draw, lambda x: label_of[x.split(" ")[0 if first else 1]], labels[:min(4, len(keys))]
+    if family == "edit":                # a hidden letter-level edit, or two composed
+        c, p, k = str(rng.choice(list(LETTERS))), int(rng.integers(3)), int(rng.integers(1, 4))
+        head = "".join(rng.choice(list(LETTERS), int(rng.integers(1, 3))))
+        ops = {"reverse": lambda w: w[::-1], "insert": lambda w: w[:p] + c + w[p:], "delete": lambda w: w[:p] + w[p + 1:],
+               "double": lambda w: w[:p + 1] + w[p:], "repeat": lambda w: w + w, "swap": lambda w: w[1] + w[0] + w[2:],
+               "shift": lambda w: "".join(LETTERS[(LETTERS.find(x) + k) % 26] if x in LETTERS else x for x in w), "upper": str.upper,
+               "prepend": lambda w: head + w, "first": lambda w: w[:p + 2], "copy": lambda w: w}
         names = list(rng.choice(sorted(ops), size=int(rng.integers(1, 3)), replace=False))
         def rule(w):
             for name in names:
                 w = ops[name](w)
             return w
-        return pick_word, rule, []
-    if family == "add_const":           # add a hidden constant
+        return lambda r: letters(r, 4, 8) if r.random() < 0.8 else str(r.choice(ENGLISH[split])), rule, []
+    if family == "number_rule":         # add a hidden constant
         c = int(rng.integers(1, 20))
-        return pick_number, lambda n: str(int(n) + c), []
+        return lambda r: str(int(r.integers(100))), lambda n: str(int(n) + c), []
+    if family == "table_label":         # a hidden, arbitrary label for every key: only recall solves it
+        keys, _ = keys_and_values(rng, split, int(rng.integers(6, 13)))
+        label_of = {k: labels[i % 4] for i, k in enumerate(keys)}  # every label used
+        return lambda r: keys[int(r.integers(len(keys)))], label_of.get, labels
+    if family == "lookup":              # a hidden dictionary: keys and answers of any kind
+        keys, book = keys_and_values(rng, split, int(rng.integers(4, 13)))
+        return lambda r: keys[int(r.integers(len(keys)))], book.get, []
     # ---- dev: chooses recipes; never trained on, never reported as the held-out result
     if family == "dev_length":          # is the word longer than a hidden length?
         t = int(rng.integers(4, 6))
@@ -186,8 +198,7 @@ def suite_instance(family, rng):
 
 
 SUITE_VERSION = "v7"  # bump when the generated suite changes, so stale copies are rewritten
-HELD_IN = ["category_label", "word_label", "contains_letter", "first_letter", "parity", "number_threshold", "lookup",
-           "caesar", "string_op", "add_const"]
+HELD_IN = ["feature_label", "part_label", "edit", "number_rule", "table_label", "lookup", "generic"]
 DEV = ["dev_length", "dev_table", "dev_lookup", "dev_last_letters"]
 HELD_OUT = ["vowel_start", "test_table", "translate", "suffix"]
 SPLIT_OF = {**{f: "train" for f in HELD_IN}, **{f: "dev" for f in DEV}, **{f: "test" for f in HELD_OUT}}
@@ -205,7 +216,10 @@ class SuiteSampler:
 
     def sequence(self, step, index):
         rng = np.random.default_rng([self.seed, step, index])
-        draw, rule, options = suite_instance(self.families[rng.integers(len(self.families))], rng)
+        family = self.families[rng.integers(len(self.families))]
+        if family == "generic":  # the base model's own pre-training text, every token a target: keeps its skills
+            return GenericSampler(self.tok, self.max_len, self.seed).sequence(step, index)
+        draw, rule, options = suite_instance(family, rng)
         inputs = [str(draw(rng)) for _ in range(self.max_len // 4)]  # more than fit: >= 4 tokens each
         examples = [encode_example(self.tok, dict(input=x, output=rule(x), options=options)) for x in inputs]
         return build_sequence(examples, self.tok.bos_id, self.max_len, self.loss_mask, seed=int(rng.integers(2**31)),
@@ -236,7 +250,7 @@ def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 40
     def write_rows(name, rows):
         write_jsonl(os.path.join(out_dir, name), rows)
         written.append(name)
-    for families, n_inst, n_ex, split_dir in ((HELD_IN, instances[0], n_train[0], "train"),
+    for families, n_inst, n_ex, split_dir in (([f for f in HELD_IN if f != "generic"], instances[0], n_train[0], "train"),
                                               (DEV, instances[1], n_train[1], "dev"),
                                               (HELD_OUT, instances[1], n_train[1], "eval")):
         for fam in families:

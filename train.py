@@ -116,28 +116,18 @@ def check_options(cfg, world):
     if cfg.loss_mask not in ("all", "last", "none"):
         raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
     check_shots(cfg.shots)
-    default = TrainConfig()
-    changed = lambda *names: [n for n in names if getattr(cfg, n) != getattr(default, n)]
-    ignored = {  # option -> why it would have no effect
-        "setting": cfg.data in ("suite", "generic") and changed("setting"),
-        "families": cfg.data != "suite" and changed("families"),
-        "task_temperature": cfg.data in ("suite", "generic") and changed("task_temperature"),
-        "preset": cfg.init != "scratch" and changed("preset"),
-        "lora_alpha, lora_dropout, lora_targets": not cfg.lora_rank and changed("lora_alpha", "lora_dropout", "lora_targets"),
-        "memory_budget_gib": cfg.activation_checkpointing != "auto" and changed("memory_budget_gib"),
-        "max_shots, shots": cfg.data == "generic" and changed("max_shots", "shots"),
-    }
-    why = {"setting": "it needs data=<MetaICL data folder> (holding {task}/{task}_16384_100_train.jsonl)",
-           "families": "only the built-in suite (data=suite) has families",
-           "task_temperature": "it weights task files by size; the built-in suite and generic text have no sizes "
-                               "(every sequence is a fresh family instance, families drawn uniformly)",
-           "preset": "the model's shape comes from init; preset is for init=scratch",
-           "lora_alpha, lora_dropout, lora_targets": "LoRA is off (lora_rank=0)",
-           "memory_budget_gib": "only activation_checkpointing=auto plans for a budget",
-           "max_shots, shots": "data=generic is plain text, not examples"}
-    for names, hit in ignored.items():
-        if hit:
-            raise ValueError(f"{', '.join(hit)} would be ignored: {why[names]}")
+    text = cfg.data in ("suite", "generic")
+    for names, ignored, why in (  # options that would have no effect in this run
+            ("setting", text, "it needs data=<MetaICL data folder> (holding {task}/{task}_16384_100_train.jsonl)"),
+            ("families", cfg.data != "suite", "only the built-in suite (data=suite) has families"),
+            ("task_temperature", text, "it weights task files by their size; the suite and generic text have none"),
+            ("preset", cfg.init != "scratch", "the model's shape comes from init; preset is for init=scratch"),
+            ("lora_alpha lora_dropout lora_targets", not cfg.lora_rank, "LoRA is off (lora_rank=0)"),
+            ("memory_budget_gib", cfg.activation_checkpointing != "auto", "only activation_checkpointing=auto plans for it"),
+            ("max_shots shots", cfg.data == "generic", "data=generic is plain text, not examples")):
+        changed = [n for n in names.split() if getattr(cfg, n) != getattr(TrainConfig, n)]
+        if ignored and changed:
+            raise ValueError(f"{', '.join(changed)} would be ignored: {why}")
     if cfg.data == "generic" and cfg.loss_mask != "none":
         raise ValueError("data=generic is language modelling (every token a target): pass loss_mask=none")
 

@@ -181,20 +181,20 @@ def test_suite_is_deterministic_and_needs_context(tmp_path):
     a, b = make_suite(str(tmp_path / "a"), instances=(3, 2), n_train=(20, 20), n_test=5), make_suite(str(tmp_path / "b"), instances=(3, 2), n_train=(20, 20), n_test=5)
     train = load_tasks(os.path.join(a, "train"))
     assert train == load_tasks(os.path.join(b, "train"))
-    assert len({t.rsplit("_", 1)[0] for t in train}) == len(HELD_IN) >= 8
+    assert len({t.rsplit("_", 1)[0] for t in train}) == len(HELD_IN) - 1 >= 6  # all but generic text have files
     held_out = load_tasks(os.path.join(a, "eval"), split="test")
     assert len({t.rsplit("_", 1)[0] for t in held_out}) == len(HELD_OUT) >= 4
     assert len({t.rsplit("_", 1)[0] for t in load_tasks(os.path.join(a, "dev"), split="test")}) == len(DEV) >= 4
     assert any(ex["options"] for exs in train.values() for ex in exs) and any(not ex["options"] for exs in train.values() for ex in exs)
     # two instances of a family hide different rules: same inputs, different answers
-    cl = [load_tasks(os.path.join(a, "train", f"category_label_{i}.jsonl"))[f"category_label_{i}"] for i in (0, 1)]
+    cl = [load_tasks(os.path.join(a, "train", f"table_label_{i}.jsonl"))[f"table_label_{i}"] for i in (0, 1)]
     assert cl[0][0]["options"] != cl[1][0]["options"]
     Tokenizer(os.path.join(a, "tokenizer.model"))
 
 
 def test_suite_sampler_draws_a_fresh_hidden_rule_per_sequence(tok):
     from suite import SuiteSampler
-    sampler = SuiteSampler(tok, 200, "all", seed=3, families=["add_const"])
+    sampler = SuiteSampler(tok, 200, "all", seed=3, families=["number_rule"])
     a, b, c = sampler.sequence(5, 0), sampler.sequence(5, 0), sampler.sequence(5, 1)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and not np.array_equal(a[0], c[0])
     constants = set()
@@ -208,7 +208,7 @@ def test_suite_sampler_draws_a_fresh_hidden_rule_per_sequence(tok):
         constants |= shifts
         assert (targets != IGNORE).sum() >= 2 * len(pairs)  # every answer supervised (mask all)
     assert len(constants) >= 4  # ... and a new one for (nearly) every sequence
-    one_shot = SuiteSampler(tok, 200, "all", seed=3, max_shots=1).sequence(0, 0)
+    one_shot = SuiteSampler(tok, 200, "all", seed=3, max_shots=1, families=["edit"]).sequence(0, 0)
     assert tok.decode(one_shot[0].tolist()).count("\n") == 2
 
 
