@@ -200,10 +200,7 @@ def tokenizer_file(path):
 def initial_args(init, preset, vocab_size):
     """The shape of the model training starts from, read without loading weights (so bad configs
     fail fast): the checkpoint in folder `init`, or (init="scratch") `preset` with the tokenizer's vocabulary."""
-    if init != "scratch":
-        if not any(os.path.isfile(os.path.join(init, f)) for f in ("params.json", "config.json")):
-            raise FileNotFoundError(f"init={init}: not 'scratch' and not a checkpoint directory "
-                                    f"(no params.json or config.json)")
+    if init != "scratch":  # train.py has checked that it is a model folder
         return model_args(init)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
