@@ -219,18 +219,30 @@ def answers_of(tok, tokens):
 
 # ----------------------------------------------------------------------------- one optimizer step replayed by hand
 
-def hand_loss(model, sequences, mask, newline):
+def hand_loss(model, weights, sequences, mask, newline):
     """Sum of cross-entropies over every supervised token of all the sequences, over their count
-    (from full logits in float64), and the count of each sequence."""
+    (from full logits in float64), and the count of each sequence. `weights` replace the plain
+    model's own (torch.func.functional_call), so they may be tensors computed from others."""
     total, counts = 0.0, []
     for d in sequences:
         targets = layout_targets(d.tokens, mask, newline)
         assert d.targets.tolist() == targets  # what the sampler made is the layout's mask
-        logp = F.log_softmax(model(torch.as_tensor(d.tokens)[None])[0].double(), dim=-1)
+        logits = torch.func.functional_call(model, weights, (torch.as_tensor(d.tokens)[None],))
+        logp = F.log_softmax(logits[0].double(), dim=-1)
         pos = [t for t, y in enumerate(targets) if y != IGNORE]
         total = total - logp[pos, [targets[t] for t in pos]].sum()
         counts.append(len(pos))
     return total / sum(counts), counts
+
+
+def lora_weights(base, leaves, scale):
+    """The plain model's weights with each adapted W replaced by W + scale * B A (by hand)."""
+    out = dict(base)
+    for name in leaves:
+        if name.endswith(".lora_A.weight"):
+            stem = name[: -len(".lora_A.weight")]
+            out[stem + ".weight"] = base[stem + ".weight"] + scale * leaves[stem + ".lora_B.weight"] @ leaves[name]
+    return out
 
 
 def adamw_by_hand(step, t, state, lr, wd, betas=(0.9, 0.95), eps=1e-8):
@@ -281,16 +293,15 @@ def test_every_step_replayed_by_hand(env, spy, tmp_path, setting):
     tok = env["tok"]
     log = spy.run(str(tmp_path / "out"), env, **cfg)
     assert [e["step"] for e in log] == list(range(1, cfg["max_steps"] + 1)) and len(spy.steps) == cfg["max_steps"]
-    reference = load_model(env["base"])
+    reference = load_model(env["base"])  # a plain Transformer: LoRA is written out by hand below
+    base = {k: v.detach() for k, v in reference.state_dict().items()}
     if cfg.get("lora_rank"):
-        apply_lora(reference, cfg["lora_rank"], cfg["lora_alpha"], targets=tuple(cfg["lora_targets"].split(",")))
         trainable = {f"layers.{i}.{block}.{t}.lora_{ab}.weight" for i in range(env["args"].n_layers)
                      for block, t in (("attention", "wv"), ("feed_forward", "w1")) for ab in "AB"}
-        base = load_file(os.path.join(env["base"], "consolidated.safetensors"))
         model = spy.models[-1]
         assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())  # the base never moved
     else:
-        trainable = set(reference.state_dict())
+        trainable = set(base)
     state, per_micro = {}, []
     for t, step in enumerate(spy.steps, 1):
         assert set(step["weights"]) == trainable  # what the optimizer holds: every weight, or the adapter alone
@@ -301,18 +312,14 @@ def test_every_step_replayed_by_hand(env, spy, tmp_path, setting):
         if cfg["weight_decay"]:
             assert decayed == {n for n, w in step["weights"].items() if w.dim() >= 2}  # never the norms
         # the loss and its gradient, by hand, at the weights this step started from
-        with torch.no_grad():
-            for name, p in reference.named_parameters():
-                if name in step["weights"]:
-                    p.copy_(step["weights"][name])
-        reference.zero_grad(set_to_none=True)
+        leaves = {n: w.clone().requires_grad_(True) for n, w in step["weights"].items()}
+        weights = lora_weights(base, leaves, cfg["lora_alpha"] / cfg["lora_rank"]) if cfg.get("lora_rank") else leaves
         batch = spy.sequences(seed=cfg.get("seed", 3), step=t - 1)
         assert sorted(d.index for d in batch) == list(range(cfg["batch_size"] * cfg["grad_accum"]))
         batch.sort(key=lambda d: d.index)
-        loss, counts = hand_loss(reference, batch, cfg["loss_mask"], tok.newline_id)
+        loss, counts = hand_loss(reference, weights, batch, cfg["loss_mask"], tok.newline_id)
         per_micro += [sum(counts[m * cfg["batch_size"]:(m + 1) * cfg["batch_size"]]) for m in range(cfg["grad_accum"])]
-        loss.backward()
-        grads = {n: p.grad for n, p in reference.named_parameters() if n in trainable}
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
         norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
         assert log[t - 1]["loss"] == pytest.approx(loss.item(), rel=1e-5)
         assert log[t - 1]["grad_norm"] == pytest.approx(norm, rel=1e-4)
@@ -721,11 +728,12 @@ def test_eval_sweep_values_by_hand(env):
     tok, model = env["tok"], sharp_model(env, seed=2)
     tasks, raw = {}, {}
     for name, options in (("opt", True), ("free", False)):
-        pool, test = eval_rows(30, options, 7), eval_rows(4, options, 8)
+        pool, test = eval_rows(30, options, 7), eval_rows(6, options, 8)
         raw[name] = (pool, test)
         tasks[name] = ([encode_example(tok, e) for e in pool], [(ex, encode_example(tok, ex)) for ex in test])
-    seeds, seq_len = [1, 2], 120
+    seeds, seq_len = [1, 2, 3], 120
     res = ev.evaluate({"m": model}, tok, tasks, [0, 2, "max"], seeds, seq_len, batch_tokens=256, max_new_tokens=3)
+    spread = []
     for name, (pool, test) in raw.items():
         room = max(len(tok.encode_continuation("\n\n" + q["input"])) +
                    max(len(tok.encode_continuation("\n" + o + "\n")) for o in (q["options"] or [q["output"]])) for q in test)
@@ -739,6 +747,7 @@ def test_eval_sweep_values_by_hand(env):
             r = entry["k"][k]["m"]
             main = [r["seeds"][str(s)][entry["metric"]] for s in seeds]
             assert r["mean"] == pytest.approx(np.mean(main)) and r["worst"] == pytest.approx(min(main))
+            spread.append(max(main) - min(main))
     for k in ("0", "2", "max"):
         per = [res["tasks"][t]["k"][k]["m"] for t in ("opt", "free")]
         summary = res["summary"][k]["m"]
@@ -746,7 +755,7 @@ def test_eval_sweep_values_by_hand(env):
         assert summary["worst"] == pytest.approx(np.mean([p["worst"] for p in per]))
         assert summary["answer_loss"] == pytest.approx(np.mean([p["means"]["answer_loss"] for p in per]))
         assert summary["macro_f1"] == pytest.approx(per[0]["means"]["macro_f1"]) and summary["n_tasks"] == 2
-
+    assert any(x > 0 for x in spread), spread  # seeds that score differently: worst is not mean
 
 def test_a_file_without_a_split_never_lends_test_rows(env, tmp_path):
     """{task}.jsonl alone would be both demonstration pool and test set: refused. Split files give the
@@ -772,12 +781,12 @@ def test_free_form_metrics_by_hand(env, monkeypatch):
     means over queries (values worked out on paper)."""
     tok, model = env["tok"], sharp_model(env)
     golds = ["red cat", "the big dog", "yes"]
-    said = ["red cat", "The Dog!", "no"]
+    said = ["red cat", "The Dog!", "ye"]
     monkeypatch.setattr(ev, "generate", lambda *a, **kw: [tok.encode_continuation("\n" + s) for s in said])
     queries = [(ex, encode_example(tok, ex)) for ex in (dict(input=f"q {i}", output=g, options=[]) for i, g in enumerate(golds))]
     res, _ = ev.evaluate_prompt(model, sample.new_cache(model, 512), [], queries, tok, 64, 4)
     assert [s["prediction"] for s in res["samples"]] == said
-    assert res["exact_match"] == pytest.approx(1 / 3)
+    assert res["exact_match"] == pytest.approx(1 / 3)               # "ye" is not "yes", though inside it
     assert res["rouge_l"] == pytest.approx((1 + 0.8 + 0) / 3)      # "the dog" in "the big dog": P 1, R 2/3
     assert res["token_f1"] == pytest.approx((1 + 0.4 + 0) / 3)     # "dog!" is not "dog": 1 common of 2 + 3
 
@@ -789,3 +798,22 @@ def test_metric_values_by_hand():
     assert ev.rouge_l("x a y b", "a b z") == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     assert ev.macro_f1(["a", "a", "b"], ["a", "b", "b"]) == pytest.approx((2 / 3 + 2 / 3) / 2)
     assert ev.macro_f1(["a", "a"], ["a", "a"]) == 1.0
+
+
+def test_lora_dropout_drops_the_adapters_input_only():
+    """LoRA's output is W x + (alpha / rank) B A dropout(x) while training (the base path never
+    dropped), W x + (alpha / rank) B A x in eval mode."""
+    from lora import LoRALinear
+    torch.manual_seed(0)
+    m = LoRALinear(torch.nn.Linear(6, 5, bias=False), rank=2, alpha=4, dropout=0.5)
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    W, A, B, x = m.weight, m.lora_A.weight, m.lora_B.weight, torch.randn(3, 6)
+    torch.manual_seed(1)
+    got = m(x)
+    torch.manual_seed(1)
+    keep = F.dropout(torch.ones_like(x), 0.5, training=True)  # the same draw: 0 or 1 / (1 - p)
+    assert (keep == 0).any() and (keep != 0).any()
+    torch.testing.assert_close(got, x @ W.T + 2.0 * ((x * keep) @ A.T @ B.T))
+    m.eval()
+    torch.testing.assert_close(m(x), x @ W.T + 2.0 * (x @ A.T @ B.T))
