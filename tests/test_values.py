@@ -817,3 +817,86 @@ def test_lora_dropout_drops_the_adapters_input_only():
     torch.testing.assert_close(got, x @ W.T + 2.0 * ((x * keep) @ A.T @ B.T))
     m.eval()
     torch.testing.assert_close(m(x), x @ W.T + 2.0 * (x @ A.T @ B.T))
+
+
+def test_eval_main_passes_shots_and_option_score(env, tmp_path, monkeypatch, capsys):
+    """eval.py --shots=stratified draws demonstrations with labels balanced (2 of each of 4 from a pool
+    of 18 "yes" and 2 "no"); --option_score=mean ranks options by their mean span loss; --max_test
+    keeps the first queries of the test file."""
+    ckpt = write_checkpoint_dir(env, sharp_model(env, seed=3), str(tmp_path / "ckpt"))
+    pool = [dict(input=f"pool {w}", output="no" if i in (5, 11) else "yes", options=["yes", "no"])
+            for i, w in enumerate(WORDS[:20])]
+    test = [dict(input=f"test {w}", output="yes", options=["yes", "no", "the big red dog ran far"]) for w in WORDS[:6]]
+    data.write_jsonl(str(tmp_path / "tasks" / "t" / "train.jsonl"), pool)
+    data.write_jsonl(str(tmp_path / "tasks" / "t" / "test.jsonl"), test)
+    seen, real = [], ev.evaluate_prompt
+    def spy(model, cache, demos, queries, *a, **kw):
+        seen.append(([tuple(d.answer) for d in demos], [ex["input"] for ex, _ in queries], a, kw))
+        return real(model, cache, demos, queries, *a, **kw)
+    monkeypatch.setattr(ev, "evaluate_prompt", spy)
+    yes, no = (tuple(env["tok"].encode_continuation(f"\n{y}\n")) for y in ("yes", "no"))
+    for shots, score in (("stratified", "mean"), ("random", "sum")):
+        seen.clear()
+        res = ev.main(["--ckpt", ckpt, "--tasks", str(tmp_path / "tasks"), "--ks", "4", "--seeds", "1,2,3", "--no_base",
+                       "--shots", shots, "--option_score", score, "--max_test", "4", "--device", "cpu",
+                       "--out", str(tmp_path / "eval.json")])
+        capsys.readouterr()
+        counts = [Counter(labels) for labels, _, _, _ in seen]
+        assert len(counts) == 3 and all(sum(c.values()) == 4 for c in counts)
+        if shots == "stratified":
+            assert all(c[no] == 2 and c[yes] == 2 for c in counts), counts
+        else:
+            assert not all(c[no] == 2 for c in counts), counts
+        assert all(queries == [t["input"] for t in test[:4]] for _, queries, _, _ in seen)
+        for r in res["tasks"]["t"]["k"]["4"]["trained"]["seeds"].values():
+            assert r["accuracy"] == r[f"accuracy_{score}"] and r["n"] == 4
+        assert res["settings"]["shots"] == shots and res["settings"]["option_score"] == score
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sample_reduction_ranks_options(env, tmp_path, capsys, reduction):
+    """sample.py --reduction: the option with the lowest summed (or per-token mean) loss of its answer
+    span, on options of 1 and 9 words where the two rules disagree."""
+    tok, model = env["tok"], sharp_model(env, seed=4)
+    ckpt = write_checkpoint_dir(env, model, str(tmp_path / "ckpt"))
+    demos = eval_rows(4, False, 9)
+    data.write_jsonl(str(tmp_path / "demos.jsonl"), demos)
+    options = ["no", "the big red dog ran far away on a mat", "maybe so"]
+    queries = [dict(input=f"q {' '.join(WORDS[i:i + 2])}", options=options) for i in range(0, 24, 2)]
+    data.write_jsonl(str(tmp_path / "q.jsonl"), queries)
+    sample.main(["--ckpt", ckpt, "--demos", str(tmp_path / "demos.jsonl"), "--k", "2", "--queries", str(tmp_path / "q.jsonl"),
+                 "--reduction", reduction, "--device", "cpu"])
+    got = [line.split("\t")[1] for line in capsys.readouterr().out.split("\n")[:-1]]
+    want = {r: [options[int(np.argmin([span_loss(model, tok, demos[:2], q, o, r) for o in options]))] for q in queries]
+            for r in ("sum", "mean")}
+    assert got == want[reduction]
+    assert want["sum"] != want["mean"]  # the rules disagree on some queries here
+
+
+def test_sampling_frequencies_follow_temperature_and_top_k():
+    """sample.pick: greedy at temperature 0; else softmax(logits / T) over the top_k logits only."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    assert sample.pick(logits) == [0]
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    for T, top_k in ((0.5, 3), (2.0, None), (1.0, 2)):
+        drawn = Counter(sample.pick(logits.expand(n, -1), T, top_k, g))
+        keep = torch.ones(5, dtype=torch.bool) if top_k is None else logits[0] >= logits[0].sort(descending=True).values[top_k - 1]
+        p = torch.where(keep, (logits[0].double() / T).exp(), torch.zeros(5, dtype=torch.float64))
+        p = (p / p.sum()).tolist()
+        for i in range(5):
+            assert abs(drawn[i] - n * p[i]) <= 5 * math.sqrt(n * p[i] * (1 - p[i])) + (0 if p[i] else 0.5), (T, top_k, i, drawn, p)
+
+
+def test_activation_checkpointing_recomputes_blocks(env, spy, tmp_path, monkeypatch):
+    """activation_checkpointing=full runs every block again in the backward pass; none does not."""
+    from model import TransformerBlock
+    calls, real = [], TransformerBlock.forward
+    def forward(block, *a, **kw):
+        calls.append(block.layer_id)
+        return real(block, *a, **kw)
+    monkeypatch.setattr(TransformerBlock, "forward", forward)
+    for mode, times in (("none", 1), ("full", 2)):
+        calls.clear()
+        spy.run(str(tmp_path / mode), env, activation_checkpointing=mode, grad_accum=2, seq_len=32)
+        assert Counter(calls) == {i: 2 * times for i in range(env["args"].n_layers)}, mode  # 2 micro-steps
