@@ -437,6 +437,19 @@ def test_scratch_model_is_the_seeds_init_of_the_preset(env, spy, tmp_path):
     assert open(os.path.join(out, "ckpt-000001", "tokenizer.model"), "rb").read() == open(env["tok"].path, "rb").read()
 
 
+
+def test_scratch_init_scales():
+    """init_weights: norms at 1, every other weight N(0, 0.02), the residual projections (wo, w2)
+    N(0, 0.02 / sqrt(2 * n_layers))."""
+    args = ModelArgs(**{**PRESETS["nano"], "vocab_size": 512})
+    model = Transformer(args).init_weights(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert (p == 1).all(), name
+        else:
+            std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            assert p.std().item() == pytest.approx(std, rel=0.05) and abs(p.mean().item()) < 0.1 * std, name
+
 def test_lora_settings_reach_the_adapter(env, spy, tmp_path):
     """rank, alpha, dropout and targets as given: the adapter's keys and shapes, its metadata, the
     modules' dropout, AdamW's state (the adapter alone), and A as drawn from the seed (B = 0 at the
