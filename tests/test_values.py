@@ -29,7 +29,7 @@ import eval as ev
 import sample
 import suite
 import train
-from checkpoints import load_model, save_model
+from checkpoints import load_model, load_models, save_model
 from data import IGNORE, Encoded, Tokenizer, encode_example, pack, targets_for
 from lora import apply_lora
 from model import PRESETS, ModelArgs, Transformer
@@ -275,6 +275,9 @@ REPLAYS = {
     # mask last: one sequence per micro-step, very different target counts; no clipping, no decay
     "last": dict(loss_mask="last", batch_size=1, grad_accum=3, grad_clip=0.0, weight_decay=0.0, lr=0.02, min_lr=0.02,
                  warmup_steps=1, max_steps=2),
+    # mask none (language modelling on the packed text): every next token a target
+    "none": dict(loss_mask="none", batch_size=2, grad_accum=1, grad_clip=0.0, weight_decay=0.0, lr=0.02, min_lr=0.02,
+                 warmup_steps=1, max_steps=1),
     # LoRA on wv and w1 only, alpha/rank = 3: the adapter's gradient carries the scale
     "lora": dict(loss_mask="all", batch_size=1, grad_accum=2, grad_clip=0.0, weight_decay=0.1, lr=0.05, min_lr=0.05,
                  warmup_steps=1, max_steps=2, lora_rank=2, lora_alpha=6.0, lora_targets="wv,w1"),
@@ -453,9 +456,10 @@ def test_scratch_init_scales():
 def test_lora_settings_reach_the_adapter(env, spy, tmp_path):
     """rank, alpha, dropout and targets as given: the adapter's keys and shapes, its metadata, the
     modules' dropout, AdamW's state (the adapter alone), and A as drawn from the seed (B = 0 at the
-    start, so A's first gradient is zero and it is still its init after one step)."""
+    start, so A's first gradient is zero and it is still its init after one step). eval.py and
+    sample.py load it as the base plus (alpha / rank) B A on the targets alone."""
     out = str(tmp_path / "out")
-    spy.run(out, env, lora_rank=3, lora_alpha=6.0, lora_dropout=0.25, lora_targets="w1,wv", seed=9)
+    spy.run(out, env, lora_rank=3, lora_alpha=9.0, lora_dropout=0.25, lora_targets="w1,wv", seed=9)
     a = env["args"]
     path = os.path.join(out, "ckpt-000001", "lora.safetensors")
     adapter = load_file(path)
@@ -464,16 +468,29 @@ def test_lora_settings_reach_the_adapter(env, spy, tmp_path):
             for i in range(a.n_layers) for m, (out_, inp) in shapes.items() for ab in "AB"}
     assert {k: tuple(v.shape) for k, v in adapter.items()} == want
     with safe_open(path, "pt") as f:
-        assert f.metadata() == {"rank": "3", "alpha": "6.0", "dropout": "0.25", "targets": "wv,w1"}
+        assert f.metadata() == {"rank": "3", "alpha": "9.0", "dropout": "0.25", "targets": "wv,w1"}
     model = spy.models[-1]
     assert {m.dropout.p for m in model.modules() if hasattr(m, "lora_A")} == {0.25}
     state = torch.load(os.path.join(out, "ckpt-000001", "state.pt"), weights_only=True)["optimizer"]["state"]
     assert sorted(tuple(s["exp_avg"].shape) for s in state.values()) == sorted(want.values())
     torch.manual_seed(9)
-    fresh = apply_lora(load_model(env["base"]), 3, 6.0, 0.25, ("wv", "w1"))
+    fresh = apply_lora(load_model(env["base"]), 3, 9.0, 0.25, ("wv", "w1"))
     init = {k: v for k, v in fresh.state_dict().items() if ".lora_A." in k}
     assert all(torch.equal(adapter[k], v) for k, v in init.items())
     assert all(adapter[k].abs().max() > 0 for k in adapter if ".lora_B." in k)
+    # what eval and sample load: the base as it was, and W + (alpha / rank) B A for each target
+    base, trained, _, _ = load_models(out, "cpu", torch.float32)
+    plain = load_file(os.path.join(env["base"], "consolidated.safetensors"))
+    trained, base = trained.state_dict(), base.state_dict()
+    assert trained.keys() == base.keys() == plain.keys() and all(torch.equal(base[k], plain[k]) for k in plain)
+    for k in plain:
+        stem = k[: -len(".weight")]
+        if stem + ".lora_A.weight" in adapter:
+            want = plain[k] + 3.0 * adapter[stem + ".lora_B.weight"] @ adapter[stem + ".lora_A.weight"]
+            torch.testing.assert_close(trained[k], want)
+            assert not torch.allclose(trained[k], plain[k])
+        else:
+            assert torch.equal(trained[k], plain[k]), k
 
 
 def test_suite_families_mask_shots_and_seed(env, spy, tmp_path):
@@ -493,6 +510,9 @@ def test_suite_families_mask_shots_and_seed(env, spy, tmp_path):
     for d in spy.sequences(suite.SuiteSampler):
         assert d.targets.tolist() == layout_targets(d.tokens, "all", tok.newline_id)
         assert n_shots(d.tokens, tok.newline_id) > 3
+        nl = [t for t, v in enumerate(d.tokens.tolist()) if v == tok.newline_id]
+        longest = max(b - a for a, b in zip([0] + nl[1::4], nl[1::4]))  # one example with its separator
+        assert 96 - 2 * longest < len(d.tokens) <= 96  # filled: no room for another example of its kind
 
 
 def test_generic_data_is_language_modelling(env, spy, tmp_path):
@@ -619,6 +639,16 @@ def test_shot_order_is_a_function_of_seed_step_and_index(env):
     orders = {tuple(tok.decode(s).split("\n")[0::4][:3]) for s in seqs}
     assert len(orders) == 4  # the first three inputs differ: another order, not only another cut
 
+
+
+def test_stratified_needs_every_shot_to_have_options():
+    """Stratified order is for option tasks: a pool with one free-form example keeps the seed's
+    permutation; a pool of option examples does not."""
+    pool = [dict(input=str(i), output="a" if i % 4 else "b", options=["a", "b"]) for i in range(20)]
+    rng = np.random.default_rng
+    assert data.shot_order(pool, rng(3), "stratified").tolist() != rng(3).permutation(20).tolist()
+    mixed = pool[:-1] + [dict(input="19", output="c", options=[])]
+    assert data.shot_order(mixed, rng(3), "stratified").tolist() == rng(3).permutation(20).tolist()
 
 # ----------------------------------------------------------------------------- eval and sample: training's prompts
 
@@ -769,6 +799,15 @@ def test_eval_sweep_values_by_hand(env):
         assert summary["answer_loss"] == pytest.approx(np.mean([p["means"]["answer_loss"] for p in per]))
         assert summary["macro_f1"] == pytest.approx(per[0]["means"]["macro_f1"]) and summary["n_tasks"] == 2
     assert any(x > 0 for x in spread), spread  # seeds that score differently: worst is not mean
+
+
+def test_k_equal_to_the_pool_is_the_whole_pool(env):
+    """k may be as large as the pool (the seed's order of all of it); one more is skipped, never capped."""
+    tok = env["tok"]
+    pool = [encode_example(tok, e) for e in eval_rows(6, True, 4)]
+    demos, why = ev.draw_demos(pool, 6, 5, 10_000, 8)
+    assert why is None and demos == [pool[i] for i in np.random.default_rng(5).permutation(6)]
+    assert ev.draw_demos(pool, 7, 5, 10_000, 8) == (None, "k=7 is larger than the demonstration pool (6 examples)")
 
 def test_a_file_without_a_split_never_lends_test_rows(env, tmp_path):
     """{task}.jsonl alone would be both demonstration pool and test set: refused. Split files give the
