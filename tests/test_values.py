@@ -7,7 +7,6 @@ sample.py's values with it. train.py runs in this process (train.main) with spie
 sequences each sampler made and, around every optimizer step, the weights, the gradients the
 optimizer was handed and the weights it left: so a step is replayed by hand from what it saw.
 """
-import copy
 import json
 import math
 import os
@@ -53,7 +52,7 @@ def rows(rng, n, tag, options=None, answer_words=(1, 3)):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tokenizer, a tiny base model, training tasks (one-token labels beside answers of up to 6
-    words: uneven target counts), a held-out task, and a task with one example too long to fit."""
+    words: uneven target counts) and a held-out task, as plain {task}.jsonl files."""
     root = tmp_path_factory.mktemp("values")
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(WORDS, 8)) + f" {rng.integers(1000)}" for _ in range(400)]
