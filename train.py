@@ -116,6 +116,8 @@ def check_options(cfg, world):
     if cfg.loss_mask not in ("all", "last", "none"):
         raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
     check_shots(cfg.shots)
+    if cfg.keep_last < 1 or not cfg.task_temperature > 0:
+        raise ValueError(f"keep_last must be at least 1 and task_temperature above 0; got {cfg.keep_last}, {cfg.task_temperature}")
     text = cfg.data in ("suite", "generic")
     for names, ignored, why in (  # options that would have no effect in this run
             ("setting", text, "it needs data=<MetaICL data folder> (holding {task}/{task}_16384_100_train.jsonl)"),

@@ -17,9 +17,10 @@ IGNORED = [  # (flags, the option named in the error)
     (["--data=generic", "--loss_mask=none", "--max_shots=4"], "max_shots"),
     (["--data=generic"], "loss_mask=none"),                                # every token is a target there
 ]
+IMPOSSIBLE = [(["--keep_last=0"], "keep_last must be at least 1"), (["--data=t/", "--task_temperature=0"], "task_temperature above 0")]
 
 
-@pytest.mark.parametrize("flags,named", IGNORED)
+@pytest.mark.parametrize("flags,named", IGNORED + IMPOSSIBLE)
 def test_an_option_without_effect_is_refused(flags, named, tmp_path):
     with pytest.raises(ValueError, match=named):
         train.main([*flags, f"--out_dir={tmp_path}", "--max_steps=1"])
