@@ -30,13 +30,17 @@ def test_committed_base_model_copies_from_its_context(tmp_path, committed_base):
     """train.py's default init, assets/base-nano: the nano shape, the tokenizer the suite is
     written with, and a language model that copies from its context. On songs (verses
     sung over and over in any order) its loss on a repeated line is far below its loss on a line
-    sung for the first time (measured: 0.08 against 4.6 nats; a model that cannot copy has them equal)."""
+    sung for the first time (measured: 0.014 against 1.26 nats per character; a model that cannot
+    copy has them equal)."""
     import numpy as np
     import data
     from model import PRESETS
     import suite
-    assert read_params_json(os.path.join(BASE, "params.json")) == ModelArgs(**{**PRESETS["nano"], "vocab_size": 1024})
     tok, model = committed_base
+    assert read_params_json(os.path.join(BASE, "params.json")) == ModelArgs(**{**PRESETS["nano"], "vocab_size": tok.vocab_size})
+    pieces = [tok.sp.id_to_piece(i) for i in tok.encode("brush 42 ZQ")]
+    assert pieces == ["▁", "b", "r", "u", "s", "h", "▁", "4", "2", "▁", "Z", "Q"]  # one token a character: letters visible
+    assert tok.sp.id_to_piece(0) == "<unk>" and (tok.bos_id, tok.eos_id) == (1, 2) and tok.sp.piece_to_id("<0xE9>") > 2
     suite_tok = open(os.path.join(suite.make_suite(str(tmp_path / "suite"), instances=(1, 1), n_train=(8, 8), n_test=2),
                                   "tokenizer.model"), "rb").read()
     assert suite_tok == open(os.path.join(BASE, "tokenizer.model"), "rb").read()  # the suite is spelled in its vocabulary
@@ -52,7 +56,7 @@ def test_committed_base_model_copies_from_its_context(tmp_path, committed_base):
         loss, kind = token_losses(model, tokens[:512]), torch.tensor(kind[1:512])
         repeated.append(loss[kind == 2]), first.append(loss[kind == 1])
     repeated, first = torch.cat(repeated).mean().item(), torch.cat(first).mean().item()
-    assert repeated < first - 2.0, (repeated, first)
+    assert repeated < first / 10, (repeated, first)
 
 
 def test_committed_base_model_recalls_in_the_task_layout(committed_base):
@@ -60,7 +64,7 @@ def test_committed_base_model_recalls_in_the_task_layout(committed_base):
     layout of a task's examples (input ⏎ answer ⏎ ⏎⏎), as its plays taught it (suite.play).
     Inputs and answers are nonce words, 10 pairs per sequence: on a repeated input, the loss on
     the answer's first token is far below its loss on a new input, whose answer nothing in the
-    context predicts (measured: 0.17 against 5.18 nats; a base before plays had 5.45 against 5.29)."""
+    context predicts (measured: 0.10 against 2.84 nats; a model that cannot recall has them equal)."""
     import numpy as np
     import data
     import suite
@@ -76,10 +80,11 @@ def test_committed_base_model_recalls_in_the_task_layout(committed_base):
             if start < len(loss):  # the answer's first token, tokens[start + 1], is predicted at start
                 (repeated if inputs[j] in inputs[:j] else new).append(loss[start].item())
     repeated, new = float(np.mean(repeated)), float(np.mean(new))
-    assert repeated < new - 3.0, (repeated, new)
+    assert repeated < new / 10, (repeated, new)
 
 
-MIN_RECALL = {"held-out english": 0.7, "number": 0.65, "held-out phrase": 0.5}  # measured: 0.86, 0.78, 0.66; the earlier base 0, 0, 0
+# measured: 0.95, 0.975, 0.80; the bars are what the earlier subword base reached (0.86, 0.88, 0.68)
+MIN_RECALL = {"held-out english": 0.86, "number": 0.88, "held-out phrase": 0.68}
 
 
 @pytest.mark.parametrize("kind", ["held-out english", "number", "held-out phrase"])
