@@ -59,8 +59,8 @@ class TrainConfig:
     grad_accum: int = 1                # micro-steps per optimizer step, in total across all ranks
     max_steps: int = 800
     lr_decay_steps: int = 0            # cosine reaches min_lr here; 0 means max_steps
-    lr: float = 1.5e-4                 # chosen on the dev families against 5e-4 and LoRA r16 at 2e-3 (RESULTS.md)
-    min_lr: float = 1.5e-5
+    lr: float = 5e-4                   # chosen on the dev families against 1.5e-4 and 1.5e-3 (RESULTS.md)
+    min_lr: float = 5e-5
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
