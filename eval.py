@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import data
 from configurator import dtype_named
+from metaicl import setting_eval_files
 from inference import generate, load_models, new_cache, score_options
 from suite import SUITE_DIR, ensure_suite
 
@@ -363,7 +364,7 @@ def main(argv=None):
         read = lambda name, pool, test: encode_eval_task(name, data.read_examples(pool), data.read_examples(test), tok,
                                                          seq_len, a.max_test)
         tasks = {name: {s: (*read(name, pool, test), pool) for s, (pool, test) in files.items()}
-                 for name, files in data.setting_eval_files(task_paths[0], a.setting, seeds).items()}
+                 for name, files in setting_eval_files(task_paths[0], a.setting, seeds).items()}
     else:
         tasks = load_eval_tasks(task_paths, tok, seq_len, seeds, a.max_test)
     results = dict(checkpoint=config["checkpoint"], config=config,

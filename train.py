@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoints import (find_checkpoints, initial_args, initial_model, load_model, resume_point, tokenizer_file, trim_log,
                          write_checkpoint)
 from configurator import dtype_named, parse_config
-from data import (IGNORE, Prefetcher, TrainSampler, Tokenizer, check_shots, collate, encode_tasks, load_tasks, read_setting,
-                  setting_file)
+from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, check_shots, collate, encode_tasks, load_tasks
 from lora import apply_lora, load_lora
 from memory import checkpointing_mode, flops_per_token, peak_flops, sdpa_backend
+from metaicl import read_setting, setting_file
 from suite import HELD_IN, SUITE_DIR, GenericSampler, SuiteSampler, ensure_suite
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

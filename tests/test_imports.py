@@ -7,7 +7,7 @@ import os
 from test_train import ROOT
 
 # low to high: a module may import only those before it; the command lines last, imported by none
-LAYERS = ["configurator", "model", "memory", "lora", "data", "checkpoints", "inference", "suite"]
+LAYERS = ["configurator", "model", "memory", "lora", "data", "metaicl", "checkpoints", "inference", "suite"]
 COMMAND_LINES = ["train", "eval", "bench", "sample"]
 
 

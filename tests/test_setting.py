@@ -6,6 +6,7 @@ import os
 import pytest
 
 import data
+import metaicl
 import eval as ev
 from data import write_jsonl
 from test_eval import WORDS, fake_checkpoint, tok  # noqa: F401 (tok: a fixture)
@@ -47,8 +48,8 @@ def metaicl_folder(root):
 def test_setting_files(tmp_path):
     root = str(tmp_path / "metaicl")
     setting = metaicl_folder(root)
-    assert data.read_setting(setting, "train") == ["ag_news", "glue-sst2"]
-    files = data.setting_eval_files(root, setting, SEEDS)
+    assert metaicl.read_setting(setting, "train") == ["ag_news", "glue-sst2"]
+    files = metaicl.setting_eval_files(root, setting, SEEDS)
     assert set(files) == set(TEST_TASKS)
     assert files["tweet_eval-hate"][13] == (f"{root}/tweet_eval-hate/tweet_eval-hate_36_13_train.jsonl",
                                             f"{root}/tweet_eval-hate/tweet_eval-hate_16_13_test.jsonl")
@@ -57,11 +58,11 @@ def test_setting_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train": ["ag_news"]}))
     with pytest.raises(ValueError, match=r'bad.json: needs "test": a non-empty list of task names'):
-        data.read_setting(str(bad), "test")
+        metaicl.read_setting(str(bad), "test")
     with pytest.raises(FileNotFoundError, match=r"task 'superglue-rte' of the setting: no .*superglue-rte_\*_42_train.jsonl"):
-        data.setting_eval_files(root, setting, (100, 42))
+        metaicl.setting_eval_files(root, setting, (100, 42))
     with pytest.raises(FileNotFoundError, match="cannot read it"):
-        data.read_setting(str(tmp_path / "none.json"), "train")
+        metaicl.read_setting(str(tmp_path / "none.json"), "train")
 
 
 def test_train_on_a_setting(tmp_path, tok):
