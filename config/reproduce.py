@@ -1,7 +1,8 @@
 """
 The paper's claims on the built-in suite, every arm from the same base model:
 
-    python config/reproduce.py                 # CPU route (reduced size, from assets/base-nano; 26 min on 2 cores)
+    python config/reproduce.py                 # CPU route (reduced size, from assets/base-nano; 26 min on 2 cores
+                                               # with the earlier subword base, not yet rerun on this one)
     python config/reproduce.py --report        # only the tables and plots, from finished runs
     python config/reproduce.py --gpu           # GPU route: the full size, many runs at a time on one GPU
     python config/reproduce.py --recall CKPT...  # a base model's recall in the task layout, by kind of key
@@ -38,7 +39,7 @@ GPU = "--gpu" in sys.argv
 option = lambda name, default: type(default)(next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default))
 # CPU route: a reduced size, measured on 2 cores, from the committed base (assets/base-nano, a
 # language model that copies and recalls from its context). GPU route: the size at which in-context
-# learning showed on one H100 (3,000 steps of 32 sequences of 512 tokens, lr 1e-3; see RESULTS.md),
+# learning showed on one H100 (3,000 steps of 32 sequences of 512 tokens, lr 1e-3; RESULTS.md at 84ada9a),
 # from a `tiny` language model it pre-trains first.
 SIZE = ["--seq_len=512", "--batch_size=32", "--grad_accum=1", "--lr=1e-3", "--min_lr=1e-4", "--warmup_steps=100",
         "--workers=2"] if GPU else ["--seq_len=512", "--batch_size=16", "--grad_accum=1", "--lr=1.5e-4", "--min_lr=1.5e-5",
