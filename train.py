@@ -106,6 +106,15 @@ def tokenizer_path(cfg):
     return tokenizer_file(cfg.init)
 
 
+def split_default_batch(cfg, world, print0):
+    """Under torchrun with the default grad_accum=1, split the global batch over the ranks (16
+    sequences on 4 GPUs: 4 each, 4 micro-steps in total), so the run sees the very sequences of a
+    single process. Typed values are left as they are (and checked below)."""
+    if world > 1 and cfg.grad_accum == TrainConfig.grad_accum and cfg.batch_size % world == 0:
+        cfg.batch_size, cfg.grad_accum = cfg.batch_size // world, world
+        print0(f"global batch split over {world} ranks: batch_size={cfg.batch_size}, grad_accum={world}")
+
+
 def check_options(cfg, world):
     """Refuse values that cannot work and options that would be silently ignored in this run."""
     if cfg.init != "scratch" and not any(os.path.isfile(os.path.join(cfg.init, f)) for f in ("params.json", "config.json")):
@@ -221,6 +230,7 @@ def main(argv):
     dtype = dtype_named(cfg.dtype, device)
 
     # ---- validate everything cheap before anything heavy (every rank fails with the same message)
+    split_default_batch(cfg, world, print0)
     check_options(cfg, world)
     micro_steps = cfg.grad_accum // world
     sdpa_backend(cfg.sdpa_backend), checkpointing_mode(cfg.activation_checkpointing)  # validate names

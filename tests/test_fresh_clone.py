@@ -1,5 +1,6 @@
 """A fresh clone, used as a new user would: torchrun on a tree without the suite, eval.py from
 another folder, eval.py on the committed base, a newer suite beside a user's own files."""
+import json
 import os
 import shutil
 import subprocess
@@ -44,6 +45,14 @@ def test_torchrun_on_a_tree_without_the_suite_then_eval_from_elsewhere(clone, tm
          "--max_steps=2", "--batch_size=1", "--grad_accum=3", "--seq_len=128", "--eval_interval=1",
          "--eval_sequences=3", "--out_dir=out"], cwd=clone)
     assert (clone / "data" / "suite" / "DONE").is_file()
+    # the default global batch of 16 sequences splits over 4 ranks by itself: 4 each, the same data as one process
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "train.py",
+               "--max_steps=1", "--seq_len=64", "--eval_interval=1", "--eval_sequences=4", "--out_dir=out4"], cwd=clone)
+    assert "batch_size=4, grad_accum=4" in out and "global batch 16" in out
+    run([sys.executable, "train.py", "--max_steps=1", "--seq_len=64", "--eval_interval=1", "--eval_sequences=4",
+         "--out_dir=out1"], cwd=clone)
+    four, one = (json.loads(open(clone / d / "log.jsonl").readline()) for d in ("out4", "out1"))
+    assert four["loss"] == pytest.approx(one["loss"], abs=1e-5) and four["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
     # eval.py and sample.py from another folder, on that checkpoint: the base is found
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
