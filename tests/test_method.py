@@ -30,14 +30,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the cat sat on a mat dog ran far away red blue green big small old new fast slow happy sad yes no".split()
 
 
-def rows(rng, n, answer_words, options=None):
+def rows(rng, n, answer_words, options=None, tag="", words=WORDS):
+    """n examples of random words; inputs start with `tag` where one is given (which task a sequence
+    came from is then legible)."""
     out = []
     for _ in range(n):
-        x = " ".join(rng.choice(WORDS, int(rng.integers(1, 4))))
+        x = " ".join(([tag] if tag else []) + list(rng.choice(words, int(rng.integers(1, 4)))))
         if options:
             out.append(dict(input=x, output=str(rng.choice(options)), options=list(options)))
         else:
-            out.append(dict(input=x, output=" ".join(rng.choice(WORDS, int(rng.integers(*answer_words)))), options=[]))
+            out.append(dict(input=x, output=" ".join(rng.choice(words, int(rng.integers(*answer_words)))), options=[]))
     return out
 
 

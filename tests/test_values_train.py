@@ -27,6 +27,7 @@ import train
 from checkpoints import load_model, save_model
 from data import IGNORE, Tokenizer
 from model import ModelArgs, Transformer
+from test_method import rows as method_rows
 
 WORDS = ("the cat sat on a mat dog ran far away red blue green big small old new fast slow happy sad yes no maybe "
          "what is it").split()
@@ -34,14 +35,7 @@ WORDS = ("the cat sat on a mat dog ran far away red blue green big small old new
 
 def rows(rng, n, tag, options=None, answer_words=(1, 3)):
     """n examples whose inputs start with `tag` (which task a sequence came from is then legible)."""
-    out = []
-    for _ in range(n):
-        x = f"{tag} " + " ".join(rng.choice(WORDS, int(rng.integers(1, 4))))
-        if options:
-            out.append(dict(input=x, output=str(rng.choice(options)), options=list(options)))
-        else:
-            out.append(dict(input=x, output=" ".join(rng.choice(WORDS, int(rng.integers(*answer_words)))), options=[]))
-    return out
+    return method_rows(rng, n, answer_words, options, tag=tag, words=WORDS)
 
 
 @pytest.fixture(scope="module")
