@@ -1,17 +1,13 @@
 """
-The paper's claims on the built-in suite, every arm from the same base model:
+The paper's three claims on the built-in suite, every arm fine-tuned from the same base model:
 
-    python config/reproduce.py                 # CPU route (reduced size, from assets/base-nano; 26 min on 2 cores
-                                               # with the earlier subword base, not yet rerun on this one)
-    python config/reproduce.py --report        # only the tables and plots, from finished runs
-    python config/reproduce.py --gpu           # GPU route: the full size, many runs at a time on one GPU
+    python config/reproduce.py                 # CPU route: from assets/base-nano, about 30 min on 2 cores
+    python config/reproduce.py --report        # only the tables, verdicts and plots, from finished runs
+    python config/reproduce.py --gpu           # GPU route: the full size, many runs at a time on one GPU (unmeasured)
     python config/reproduce.py --recall CKPT...  # a base model's recall in the task layout, by kind of key
 
-Arms (train.py's default recipe; only the flags below differ). Every arm runs the same steps of
-the same number of sequences, and the sampler seed gives mask-all and mask-last the very same
-sequences. What is *not* equal: a zero-shot sequence holds one example and a few-shot one 17, so
-those arms process far fewer tokens per step than the arms that fill 512 tokens.
-  untrained     the base model itself (eval.py's "base" column)
+Arms (train.py's default recipe at a reduced number of steps; only the flags below differ):
+  untrained     the base model itself
   zero-shot     one example per sequence, loss on its answer
   few-shot      MetaICL: 16 demonstrations and a query, loss on the last answer only
   mask-last     ManyICL's long sequences, loss on the last answer only (the paper's ablation)
@@ -19,11 +15,16 @@ those arms process far fewer tokens per step than the arms that fill 512 tokens.
   stratified    manyicl with label-balanced shots (--shots=stratified), training and evaluation
   dedicated     one model per held-out task, trained on that task's own pool (one example per
                 sequence), evaluated at k=0: the paper's upper bound
-Forgetting is also checked as the paper fine-tunes: zero-shot, few-shot and manyicl again with
-LoRA (r16, lr 1e-3). Every multi-task arm is trained with 3 seeds and evaluated with 2 demonstration seeds on the
-held-out tasks at k in {0,1,4,16,64,max}; the forgetting check (perplexity of held-out generic
-stories by context length) and the many-shot curve (answer loss and accuracy by shot index in
-long sequences of fresh held-out instances) come from the same checkpoints.
+Every multi-task arm sees the same number of training *tokens*: a zero-shot sequence holds ~14
+tokens and a few-shot one ~230 against ManyICL's ~506, so those arms take proportionally more
+sequences per step (batch sizes measured from the sampler, printed, and the tokens each run
+really saw are read back from its log). The same sampler seed gives mask-all and mask-last the
+very same sequences. The arms train on the held-in task families only: the generic text of the
+default mix is not a task, so zero-shot, few-shot and mask-last would not apply to it.
+Each arm is trained with 3 seeds and evaluated with 2 demonstration seeds on the held-out
+families at k in {0,1,4,16,max}; the forgetting check (perplexity of held-out generic text by
+context length) and the many-shot curve (answer loss and accuracy by shot index in long sequences
+of fresh held-out instances) come from the same checkpoints.
 """
 import json
 import os
@@ -38,17 +39,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = "--gpu" in sys.argv
 option = lambda name, default: type(default)(next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default))
 # CPU route: a reduced size, measured on 2 cores, from the committed base (assets/base-nano, a
-# language model that copies and recalls from its context). GPU route: the size at which in-context
-# learning showed on one H100 (3,000 steps of 32 sequences of 512 tokens, lr 1e-3; RESULTS.md at 84ada9a),
-# from a `tiny` language model it pre-trains first.
-SIZE = ["--seq_len=512", "--batch_size=32", "--grad_accum=1", "--lr=1e-3", "--min_lr=1e-4", "--warmup_steps=100",
-        "--workers=2"] if GPU else ["--seq_len=512", "--batch_size=16", "--grad_accum=1", "--lr=1.5e-4", "--min_lr=1.5e-5",
-                                    "--warmup_steps=20"]
+# character-level language model that copies and recalls from its context). GPU route: the size at
+# which in-context learning showed on one H100 (3,000 steps of 32 sequences of 512 tokens, lr 1e-3;
+# RESULTS.md at 84ada9a), from a `tiny` language model it pre-trains first.
+SIZE = ["--seq_len=512", "--grad_accum=1", "--lr=1e-3", "--min_lr=1e-4", "--warmup_steps=100", "--workers=2"] if GPU else \
+       ["--seq_len=512", "--grad_accum=1", "--warmup_steps=20"]  # lr: train.py's default, chosen on the dev families
+BATCH = 32 if GPU else 16                            # ManyICL's sequences per step; other arms: the same tokens
 LM_STEPS = option("lm_steps", 2000)                  # GPU route: language-model pre-training of the base
 STEPS = option("steps", 3000 if GPU else 200)        # every fine-tuning arm
 JOBS = option("jobs", 14 if GPU else 2)
 RUNS = option("runs", "runs-gpu" if GPU else "runs")
 SEEDS = [1, 2, 3]
+FAMILIES = "--families=feature_label,part_label,edit,number_rule,table_label,lookup"  # suite.HELD_IN less generic text
 COMMON = [*SIZE, "--eval_data=", "--log_interval=100000"]
 ARMS = {  # name: train.py flags; the same sampler seed gives mask-all and mask-last the very same sequences
     "zero-shot": ["--loss_mask=all", "--max_shots=1"],
@@ -57,14 +59,13 @@ ARMS = {  # name: train.py flags; the same sampler seed gives mask-all and mask-
     "manyicl": ["--loss_mask=all"],
     "stratified": ["--loss_mask=all", "--shots=stratified"],
 }
-LORA = {name: ARMS[name] + ["--lora_rank=16", "--lr=1e-3", "--min_lr=1e-4"]  # forgetting as the paper fine-tunes:
-        for name in ("zero-shot", "few-shot", "manyicl")}                      # LoRA at a small learning rate
 TASKS = "data/suite/eval"
-KS = "0,1,4,16,64,max"
+KS = "0,1,4,16,max"  # k=64 never fits 512 character tokens
 PPL = ["--ppl_file", "data/suite/generic_test.txt", "--ppl_lengths", "32,128,512"]
 EVAL = ["--ks", KS, "--seeds", "100,13", "--max_test", "32", "--no_base", *PPL]
 LM = f"{RUNS}/lm"
 CURVE_SEQUENCES = 32
+SAMPLE = 256  # sequences drawn to measure an arm's tokens and answers per sequence
 
 
 def sh(*cmd):
@@ -90,40 +91,64 @@ def dedicated_tasks():
     return sorted(os.listdir(os.path.join(ROOT, TASKS)))
 
 
+def arm_shape(base, flags):
+    """An arm's sequences, measured on SAMPLE of them from its sampler: mean (tokens, answers)
+    per sequence. Answers are the supervised spans; mask-last supervises one per sequence."""
+    from data import IGNORE, Tokenizer
+    from suite import SuiteSampler
+    value = lambda name, default: next((f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}=")), default)
+    sampler = SuiteSampler(Tokenizer(os.path.join(base, "tokenizer.model")), 512, value("loss_mask", "all"), 0,
+                           int(value("max_shots", 0)) or None, FAMILIES.split("=")[1].split(","), value("shots", "random"))
+    tokens, answers = [], []
+    for i in range(SAMPLE):
+        x, y = sampler.sequence(0, i)
+        target = np.append(y != IGNORE, False)
+        tokens.append(len(x))
+        answers.append(int((target[1:] & ~target[:-1]).sum()))  # the ends of supervised spans
+    return float(np.mean(tokens)), float(np.mean(answers))
+
+
+def arm_batches(base):
+    """Sequences per step of each arm, so that every arm sees ManyICL's tokens per step."""
+    shapes = {name: arm_shape(base, flags) for name, flags in ARMS.items()}
+    per_step = BATCH * shapes["manyicl"][0]
+    batches = {name: max(1, round(per_step / tokens)) for name, (tokens, _) in shapes.items()}
+    os.makedirs(RUNS, exist_ok=True)
+    json.dump({name: dict(batch_size=batches[name], tokens_per_sequence=t, answers_per_sequence=a)
+               for name, (t, a) in shapes.items()}, open(f"{RUNS}/arms.json", "w"), indent=1)
+    for name, (t, a) in shapes.items():
+        print(f"{name:>11}: {t:6.1f} tokens and {a:5.1f} answers a sequence -> batch_size {batches[name]}")
+    return batches
+
+
 def train_and_eval():
-    # the base: a language model pre-trained on generic stories, songs and plays (every token a target)
+    # the base: a language model pre-trained on generic text (every token a target)
     if GPU:
         base = f"{LM}/ckpt-{LM_STEPS:06d}"
         pretrain = [("train.py", *COMMON, "--init=scratch", "--preset=tiny", "--data=generic", "--loss_mask=none",
-                     f"--max_steps={LM_STEPS}", f"--ckpt_interval={LM_STEPS}", f"--out_dir={LM}")]
+                     f"--batch_size={BATCH}", f"--max_steps={LM_STEPS}", f"--ckpt_interval={LM_STEPS}", f"--out_dir={LM}")]
     else:
         base, pretrain = "assets/base-nano", []
     run_jobs([(f"{LM}/eval.json", [*pretrain, ("eval.py", "--ckpt", base, "--tasks", TASKS, *EVAL, "--out", f"{LM}/eval.json"),
                                    ("config/reproduce.py", "--curve", base, LM)])])
+    batches = arm_batches(base)
     jobs = []
     for seed in SEEDS:
         for name, flags in ARMS.items():
             out = f"{RUNS}/{name}-{seed}"
             shots = ["--shots", "stratified"] if name == "stratified" else []
             jobs.append((f"{out}/curve.json", [
-                ("train.py", *COMMON, *flags, f"--init={base}", f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}",
-                 f"--seed={seed}", f"--out_dir={out}"),
+                ("train.py", *COMMON, FAMILIES, *flags, f"--batch_size={batches[name]}", f"--init={base}",
+                 f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}", f"--seed={seed}", f"--out_dir={out}"),
                 ("eval.py", "--ckpt", out, "--tasks", TASKS, *EVAL, *shots, "--out", f"{out}/eval.json"),
                 ("config/reproduce.py", "--curve", out)]))
         for task in dedicated_tasks():  # the upper bound: one model per task, on the task's own pool
             out = f"{RUNS}/dedicated-{task}-{seed}"
             jobs.append((f"{out}/eval.json", [
-                ("train.py", *COMMON, f"--data={TASKS}/{task}", "--loss_mask=all", "--max_shots=1", f"--init={base}",
-                 f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}", f"--seed={seed}", f"--out_dir={out}"),
+                ("train.py", *COMMON, f"--data={TASKS}/{task}", "--loss_mask=all", "--max_shots=1", f"--batch_size={BATCH}",
+                 f"--init={base}", f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}", f"--seed={seed}", f"--out_dir={out}"),
                 ("eval.py", "--ckpt", out, "--tasks", f"{TASKS}/{task}", "--ks", "0", "--seeds", "100", "--max_test", "32",
                  "--no_base", "--out", f"{out}/eval.json")]))
-        for name, flags in LORA.items():
-            out = f"{RUNS}/lora-{name}-{seed}"
-            jobs.append((f"{out}/eval.json", [
-                ("train.py", *COMMON, *flags, f"--init={base}", f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}",
-                 f"--seed={seed}", f"--out_dir={out}"),
-                ("eval.py", "--ckpt", out, "--tasks", TASKS, "--ks", "0,16", "--seeds", "100,13", "--max_test", "32",
-                 "--no_base", *PPL, "--out", f"{out}/eval.json")]))
     run_jobs(jobs)
 
 
@@ -195,51 +220,104 @@ def table(title, header, rows):
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def margin(a, b, better="higher"):
+    """a's lead over b (mean difference, signed so that positive favours a) and that lead in units
+    of the seeds' spread (the two arms' standard deviations pooled; a single value has none)."""
+    lead = (np.mean(a) - np.mean(b)) * (1 if better == "higher" else -1)
+    spread = np.sqrt((np.var(a) + np.var(b)) / 2)
+    return lead, lead / spread if spread > 0 else (np.sign(lead) * np.inf if lead else 0.0)
+
+
+def logged(run):
+    """(tokens, target tokens) a finished run trained on, read back from its log."""
+    steps = [json.loads(line) for line in open(f"{run}/log.jsonl")]
+    return (sum(round(e["tokens_per_s"] * e["ms"] / 1000) for e in steps),
+            sum(round(e["target_tokens_per_s"] * e["ms"] / 1000) for e in steps))
+
+
 def report():
     load = lambda run: json.load(open(f"{run}/eval.json"))
     lm = load(LM)
     res = {(a, s): load(f"{RUNS}/{a}-{s}") for a in ARMS for s in SEEDS if os.path.exists(f"{RUNS}/{a}-{s}/eval.json")}
     arms = [a for a in ARMS if all((a, s) in res for s in SEEDS)]
-    ks = [k for k in KS.split(",") if lm["summary"][k]["trained"]["n_tasks"]]  # k=64 fits only some prompts of 512 tokens
+    shapes = json.load(open(f"{RUNS}/arms.json"))
+    rows = {}
+    for a in arms:
+        tokens, targets = np.mean([logged(f"{RUNS}/{a}-{s}") for s in SEEDS], axis=0)
+        b = shapes[a]["batch_size"]
+        rows[a] = [str(b), f"{tokens / 1e6:.2f}M", f"{targets / 1e6:.2f}M",
+                   f"{shapes[a]['answers_per_sequence'] * b * STEPS / 1e3:.1f}K"]
+    table(f"Training per arm ({STEPS} steps; tokens and target tokens read from the logs, mean over seeds; "
+          f"answers = supervised answer spans, from {SAMPLE} sampled sequences)",
+          ["arm", "sequences a step", "tokens", "target tokens", "answers"], rows)
+    ks = KS.split(",")
     head = ["method"] + [f"k={k}" for k in ks]
-    tables = {}
+    cols = {}  # (metric, arm) -> per k, the values over seeds
     for key, title in (("mean", "Held-out k-shot score (accuracy with options ranked by summed span loss, or ROUGE-L)"),
-                       ("mean_mean", "The same score, options ranked by mean per-token span loss (MetaICL)"),
                        ("answer_loss", "Held-out gold-answer loss (nats per answer token, lower is better)")):
-        rows = {"untrained (the pre-trained LM)": [[lm["summary"][k]["trained"][key]] for k in ks]}
-        rows.update({a: [[res[(a, s)]["summary"][k]["trained"][key] for s in SEEDS] for k in ks] for a in arms})
-        tables[key] = rows
+        cols[key, "untrained"] = [[lm["summary"][k]["trained"][key]] for k in ks]
+        for a in arms:
+            cols[key, a] = [[res[(a, s)]["summary"][k]["trained"][key] for s in SEEDS] for k in ks]
         table(f"{title}; macro-average over the 8 held-out tasks; mean ± std over {len(SEEDS)} training seeds, "
-              "each the mean over 2 demonstration seeds", head, {a: [mean_spread(c) for c in cols] for a, cols in rows.items()})
+              "each the mean over 2 demonstration seeds", head,
+              {a: [mean_spread(c) for c in cols[key, a]] for a in ["untrained", *arms]})
     tasks = dedicated_tasks()
+    dedicated = {t: [load(f"{RUNS}/dedicated-{t}-{s}")["summary"]["0"]["trained"]["mean"] for s in SEEDS
+                     if os.path.exists(f"{RUNS}/dedicated-{t}-{s}/eval.json")] for t in tasks}
     per_task = {"untrained": [mean_spread([lm["tasks"][t]["k"]["max"]["trained"]["mean"]]) for t in tasks]}
     per_task.update({a: [mean_spread([res[(a, s)]["tasks"][t]["k"]["max"]["trained"]["mean"] for s in SEEDS])
                          for t in tasks] for a in arms})
-    per_task["dedicated (k=0)"] = [mean_spread([load(f"{RUNS}/dedicated-{t}-{s}")["summary"]["0"]["trained"]["mean"]
-                                                for s in SEEDS if os.path.exists(f"{RUNS}/dedicated-{t}-{s}/eval.json")])
-                                   for t in tasks]
+    per_task["dedicated (k=0)"] = [mean_spread(dedicated[t]) for t in tasks]
     table("Per held-out task at k=max; dedicated fine-tuning is one model per task, evaluated at k=0",
           ["method"] + tasks, per_task)
     lengths = PPL[-1].split(",")
-    ppl = {"pre-trained LM": [mean_spread([lm["perplexity"][L]["trained"]["ppl"]]) for L in lengths]}
-    ppl.update({f"+ {a}": [mean_spread([res[(a, s)]["perplexity"][L]["trained"]["ppl"] for s in SEEDS]) for L in lengths]
-                for a in arms})
-    table("Perplexity of held-out generic stories by context length (forgetting)",
-          ["model"] + [f"{L} tokens" for L in lengths], ppl)
-    lora = {a: [load(f"{RUNS}/lora-{a}-{s}") for s in SEEDS] for a in LORA
-            if all(os.path.exists(f"{RUNS}/lora-{a}-{s}/eval.json") for s in SEEDS)}
-    if lora:
-        rows = {"pre-trained LM": [mean_spread([lm["perplexity"][L]["trained"]["ppl"]]) for L in lengths] +
-                                  [mean_spread([lm["summary"][k]["trained"]["answer_loss"]]) for k in ("0", "16")]}
-        rows.update({f"+ {a} (LoRA r16, lr 1e-3)": [mean_spread([r["perplexity"][L]["trained"]["ppl"] for r in runs])
-                                                    for L in lengths] +
-                     [mean_spread([r["summary"][k]["trained"]["answer_loss"] for r in runs]) for k in ("0", "16")]
-                     for a, runs in lora.items()})
-        table("Forgetting with LoRA, as the paper fine-tunes: perplexity by context length, and held-out answer loss",
-              ["model"] + [f"{L} tokens" for L in lengths] + ["answer loss k=0", "answer loss k=16"], rows)
+    ppl = {"untrained": [[lm["perplexity"][L]["trained"]["ppl"]] for L in lengths]}
+    ppl.update({a: [[res[(a, s)]["perplexity"][L]["trained"]["ppl"] for s in SEEDS] for L in lengths] for a in arms})
+    table("Perplexity of held-out generic text by context length (forgetting; the arms never train on generic text)",
+          ["model"] + [f"{L} tokens" for L in lengths], {a: [mean_spread(c) for c in v] for a, v in ppl.items()})
+    if {"manyicl", "mask-last", "few-shot"} <= set(arms) and all(dedicated.values()):
+        verdicts(cols, ks, ppl, lengths, dedicated, lm, res, arms)
     curves = {"untrained": [json.load(open(f"{LM}/curve.json"))]}
     curves.update({a: [json.load(open(f"{RUNS}/{a}-{s}/curve.json")) for s in SEEDS] for a in arms})
-    plot(tables, ks, curves)
+    plot({key: {a: c for (k2, a), c in cols.items() if k2 == key} for key in ("mean", "answer_loss")}, ks, curves)
+
+
+def verdicts(cols, ks, ppl, lengths, dedicated, lm, res, arms):
+    """The three claims, each with its margins in units of the training seeds' spread (σ) and a
+    plain verdict: held only if every margin it names is positive and larger than 1σ."""
+    print("\n## The claims\n")
+    shots = [i for i, k in enumerate(ks) if k != "0"]
+    lines, held = [], True
+    for other in ("mask-last", "few-shot"):
+        for key, better in (("mean", "higher"), ("answer_loss", "lower")):
+            ms = [margin(cols[key, "manyicl"][i], cols[key, other][i], better) for i in shots]
+            held &= all(z > 1 for _, z in ms)
+            lines.append(f"   - over {other}, {'score' if key == 'mean' else 'answer loss'}: " +
+                         ", ".join(f"k={ks[i]} {lead:+.3f} ({z:+.1f}σ)" for i, (lead, z) in zip(shots, ms)))
+    print(f"1. Mask-all beats mask-last and few-shot fine-tuning on held-out tasks, k = 1 … max: "
+          f"**{'held' if held else 'not held'}**")
+    print("\n".join(lines))
+    tasks = sorted(dedicated)
+    base = np.mean([lm["tasks"][t]["k"]["max"]["trained"]["mean"] for t in tasks])
+    many = [np.mean([res[("manyicl", s)]["tasks"][t]["k"]["max"]["trained"]["mean"] for t in tasks]) for s in SEEDS]
+    bound = [np.mean([dedicated[t][i] for t in tasks]) for i in range(len(SEEDS))]
+    lead, z = margin(many, [base])
+    fraction = (np.mean(many) - base) / (np.mean(bound) - base)
+    print(f"2. ManyICL at k=max closes part of the gap between the base and dedicated fine-tuning: "
+          f"**{'held' if z > 1 and 0 < fraction else 'not held'}**\n"
+          f"   - base {base:.3f}, manyicl {np.mean(many):.3f} ± {np.std(many):.3f}, dedicated (k=0) "
+          f"{np.mean(bound):.3f} ± {np.std(bound):.3f}: manyicl − base {lead:+.3f} ({z:+.1f}σ), "
+          f"fraction of the gap closed {fraction:+.2f}")
+    rise = {a: [np.array(ppl[a][j]) / ppl["untrained"][j][0] - 1 for j in range(len(lengths))] for a in arms}
+    others = [a for a in arms if a not in ("manyicl", "stratified")]
+    ms = {a: [margin(rise[a][j], rise["manyicl"][j]) for j in range(len(lengths))] for a in others}
+    held = all(z > 1 for m in ms.values() for _, z in m)
+    print(f"3. ManyICL forgets least (perplexity of held-out generic text against the base, by context length): "
+          f"**{'held' if held else 'not held'}**")
+    for a in ["manyicl", *others]:
+        cells = ", ".join(f"{L} tokens {np.mean(rise[a][j]):+.1%}" + (f" (manyicl lower by {ms[a][j][1]:+.1f}σ)" if a in ms else "")
+                          for j, L in enumerate(lengths))
+        print(f"   - {a}: {cells}")
 
 
 def plot(tables, ks, curves):

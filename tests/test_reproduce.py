@@ -1,0 +1,52 @@
+"""config/reproduce.py: every arm sees the same tokens, and a claim's margin is read in units of
+the seeds' spread, with the sign that favours the better arm."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "config", "reproduce.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_arms_see_equal_tokens(reproduce, tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", str(tmp_path))
+    monkeypatch.setattr(reproduce, "SAMPLE", 64)
+    base = os.path.join(ROOT, "assets", "base-nano")
+    batches = reproduce.arm_batches(base)
+    shapes = json.load(open(tmp_path / "arms.json"))
+    assert batches["manyicl"] == batches["mask-last"] == reproduce.BATCH
+    per_step = {a: batches[a] * s["tokens_per_sequence"] for a, s in shapes.items()}
+    for arm, tokens in per_step.items():  # equal within one sequence's rounding
+        assert abs(tokens - per_step["manyicl"]) <= shapes[arm]["tokens_per_sequence"] / 2 + 1e-6, arm
+    assert batches["zero-shot"] > 10 * batches["few-shot"] / 2 > batches["manyicl"]  # ~14 and ~230 tokens against ~506
+    answers = {a: s["answers_per_sequence"] for a, s in shapes.items()}
+    assert answers["zero-shot"] == answers["few-shot"] == answers["mask-last"] == 1.0  # one supervised answer each
+    assert answers["manyicl"] > 10
+    from suite import HELD_IN
+    assert reproduce.FAMILIES.split("=")[1].split(",") == list(dict.fromkeys(f for f in HELD_IN if f != "generic"))
+
+
+def test_margin_in_units_of_spread(reproduce):
+    lead, z = reproduce.margin([0.6, 0.7, 0.8], [0.4, 0.5, 0.6])
+    spread = np.sqrt((np.var([0.6, 0.7, 0.8]) + np.var([0.4, 0.5, 0.6])) / 2)
+    assert lead == pytest.approx(0.2) and z == pytest.approx(0.2 / spread)
+    lead, z = reproduce.margin([1.0, 1.2], [1.5, 1.7], better="lower")  # a loss: lower is better
+    assert lead == pytest.approx(0.5) and z == pytest.approx(5.0)
+    assert reproduce.margin([0.5], [0.5])[0] == 0
+
+
+def test_logged_tokens(reproduce, tmp_path):
+    with open(tmp_path / "log.jsonl", "w") as f:
+        for tokens, targets, ms in ((8000, 3000, 250.0), (7990, 2900, 500.0)):
+            f.write(json.dumps(dict(tokens_per_s=tokens / ms * 1000, target_tokens_per_s=targets / ms * 1000, ms=ms)) + "\n")
+    assert reproduce.logged(tmp_path) == (15990, 5900)
