@@ -199,10 +199,6 @@ def suite_instance(family, rng):
 
 SUITE_VERSION = "v7"  # bump when the generated suite changes, so stale copies are rewritten
 HELD_IN = ["feature_label", "part_label", "edit", "number_rule", "table_label", "lookup", "generic"]
-# train.py's default draw, every entry equally likely: the generic text listed three times is a third
-# of the sequences (against a seventh, dev k=max 0.635 against 0.602; RESULTS.md): more of the base's
-# own text keeps more of its recall while the tasks teach the format and the rules
-DEFAULT_MIX = HELD_IN[:-1] + ["generic"] * 3
 DEV = ["dev_length", "dev_table", "dev_lookup", "dev_last_letters"]
 HELD_OUT = ["vowel_start", "test_table", "translate", "suffix"]
 SPLIT_OF = {**{f: "train" for f in HELD_IN}, **{f: "dev" for f in DEV}, **{f: "test" for f in HELD_OUT}}

@@ -30,7 +30,7 @@ from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, check_shots, colla
 from lora import apply_lora, load_lora
 from memory import checkpointing_mode, flops_per_token, peak_flops, sdpa_backend
 from metaicl import read_setting, setting_file
-from suite import DEFAULT_MIX, SUITE_DIR, GenericSampler, SuiteSampler, ensure_suite
+from suite import HELD_IN, SUITE_DIR, GenericSampler, SuiteSampler, ensure_suite
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # AdamW's betas as in GPT-3, LLaMA and nanoGPT: beta2 = 0.95 forgets old squared gradients faster
@@ -50,7 +50,7 @@ class TrainConfig:
                                        # pre-training (every token a target); or MetaICL JSONL files/folders
     setting: str = ""                  # MetaICL's config/{setting}.json (e.g. hr_to_lr): train on its "train" tasks,
                                        # {data}/{task}/{task}_16384_100_train.jsonl each ("" = every task in `data`)
-    families: str = ""                 # suite families to train on, comma-separated ("" = suite.DEFAULT_MIX)
+    families: str = ""                 # suite families to train on, comma-separated ("" = suite.HELD_IN)
     eval_data: str = "data/suite/dev"  # tasks for the validation loss ("" = none); the suite's dev families by default
     tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
     out_dir: str = "out"
@@ -149,7 +149,7 @@ def make_samplers(cfg, tok):
     if cfg.data == "suite" or os.path.abspath(cfg.eval_data) == os.path.join(SUITE_DIR, "dev"):
         ensure_suite()  # generated once, a few seconds; one rank writes, the others wait (a lock)
     if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (suite.SuiteSampler)
-        families = cfg.families.split(",") if cfg.families else DEFAULT_MIX
+        families = cfg.families.split(",") if cfg.families else HELD_IN
         sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, max_shots, families, cfg.shots)
         about_data = "built-in suite: a fresh task instance per sequence"
     elif cfg.data == "generic":  # language-model pre-training on fresh generic stories

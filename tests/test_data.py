@@ -214,16 +214,6 @@ def test_suite_sampler_draws_a_fresh_hidden_rule_per_sequence(tok):
     assert tok.decode(few[0].tolist()).count("\n") == 5 * 4 - 2  # only max_shots inputs drawn, all of them used
 
 
-def test_default_mix_is_a_third_generic_text(tok):
-    """train.py's default draw: suite.DEFAULT_MIX, every entry equally likely, so a third of the
-    sequences are the base's own text (every token a target) and the rest spread over the tasks."""
-    from suite import DEFAULT_MIX, HELD_IN, SuiteSampler
-    assert sorted(set(DEFAULT_MIX)) == sorted(HELD_IN) and DEFAULT_MIX.count("generic") == 3
-    sampler = SuiteSampler(tok, 64, "all", seed=5, families=DEFAULT_MIX)
-    text = [bool((y[:-1] != IGNORE).all()) for _, y in (sampler.sequence(0, i) for i in range(600))]  # generic: all targets
-    assert abs(np.mean(text) - 1 / 3) < 0.06  # 600 draws: sd 0.019
-
-
 def test_stratified_shots_balance_labels_without_a_period(tok):
     from data import shot_order
     pool = [{"input": str(i), "output": "a" if i % 10 else "b", "options": ["a", "b"]} for i in range(100)]  # 90/10

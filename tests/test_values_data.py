@@ -99,11 +99,11 @@ def test_suite_families_mask_shots_and_seed(env, spy, tmp_path):
     for d in drawn:
         assert n_shots(d.tokens, tok.newline_id) == 3
         assert d.targets.tolist() == layout_targets(d.tokens, "last", tok.newline_id)
-    spy.run(str(tmp_path / "b"), env, data="suite", batch_size=24, seq_len=96)
+    spy.run(str(tmp_path / "b"), env, data="suite", batch_size=8, seq_len=96)
     assert set(spy.families) <= set(suite.HELD_IN) and len(set(spy.families)) >= 4
     generic = {(d.step, d.index) for d in spy.sequences(suite.GenericSampler)}
     drawn = spy.sequences(suite.SuiteSampler)
-    assert len(drawn) == 24 and 3 <= len(generic) <= 14 and len(spy.families) + len(generic) == 24  # a third: 8 ± 2.3
+    assert len(drawn) == 8 and generic and len(spy.families) + len(generic) == 8
     for d in drawn:
         if (d.step, d.index) in generic:  # filled with text, every next token a target
             assert len(d.tokens) == 96 and d.targets.tolist() == d.tokens[1:].tolist() + [IGNORE]
