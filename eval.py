@@ -154,6 +154,20 @@ def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tok
     return dict(metrics, shots=len(demos), prefix_tokens=len(prefix), n=len(queries), samples=samples), stats
 
 
+def first_queries(examples, n):
+    """At most n test examples, in file order. With options, a label-balanced n: a file's first n
+    rows can be mostly one label (a balanced file sorted by anything), and would then reward a
+    model that names that label every time."""
+    if n is None or n >= len(examples) or not examples[0]["options"]:
+        return examples[:n]
+    by_label = {}
+    for i, ex in enumerate(examples):
+        by_label.setdefault(ex["output"], []).append(i)
+    longest = max(map(len, by_label.values()))
+    taken = [rows[r] for r in range(longest) for rows in by_label.values() if r < len(rows)][:n]  # round-robin
+    return [examples[i] for i in sorted(taken)]
+
+
 def encode_eval_task(name, pool, examples, tok, seq_len, max_test=None):
     """(pool of Encoded, test queries as (example, Encoded)). Queries too long for seq_len even
     with no demonstrations are dropped, with a note."""
@@ -161,7 +175,7 @@ def encode_eval_task(name, pool, examples, tok, seq_len, max_test=None):
         raise ValueError(f"task '{name}': the same examples would be demonstrations and test set; give it train and test files")
     if len({bool(ex["options"]) for ex in examples}) > 1:
         raise ValueError(f"task '{name}': some test examples have options and some do not")
-    queries = [(ex, data.encode_example(tok, ex)) for ex in examples[:max_test]]
+    queries = [(ex, data.encode_example(tok, ex)) for ex in first_queries(examples, max_test)]
     fits = [(ex, q) for ex, q in queries if 1 + answer_room([q], 0) <= seq_len and 1 + answer_room([q], 1) <= seq_len]
     if len(fits) < len(queries):
         print(f"note: task '{name}': {len(queries) - len(fits)} test queries longer than seq_len={seq_len} left out")
@@ -320,7 +334,7 @@ def main(argv=None):
     p.add_argument("--ks", type=parse_ks, help="k sweep, e.g. 0,1,4,16,64,256,max (default: that; 0,1,4,16,max for the built-in suite)")
     p.add_argument("--seeds", type=parse_ints, help="demonstration seeds (default: 100,13,21,42,87; 100,13,21 for the built-in suite)")
     p.add_argument("--seq_len", type=int, help="context for prompts (default: the config's seq_len)")
-    p.add_argument("--max_test", type=int, help="at most this many test queries per task")
+    p.add_argument("--max_test", type=int, help="at most this many test queries per task (label-balanced with options)")
     p.add_argument("--batch_tokens", type=int, default=2048, help="tokens of queries packed after the prefix per forward")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--ppl_file", help="a long UTF-8 text for the forgetting check (e.g. a PG-19 book)")

@@ -370,3 +370,17 @@ def test_lora_dropout_drops_the_adapters_input_only():
     torch.testing.assert_close(got, x @ W.T + 2.0 * ((x * keep) @ A.T @ B.T))
     m.eval()
     torch.testing.assert_close(m(x), x @ W.T + 2.0 * (x @ A.T @ B.T))
+
+
+def test_max_test_takes_a_label_balanced_subset():
+    """--max_test on an option task: as many queries of each label as the file allows, in file
+    order (a file's first rows, here 27 of one label, would reward naming that label)."""
+    import eval as ev
+    rows = [dict(input=str(i), output="yes" if i < 27 or i >= 59 else "no", options=["yes", "no"]) for i in range(64)]
+    picked = ev.first_queries(rows, 32)
+    assert [r["input"] for r in picked] == [str(i) for i in list(range(16)) + list(range(27, 43))]
+    assert [r["output"] for r in picked].count("no") == 16
+    few_no = [dict(r, output="no" if 27 <= i < 31 else "yes") for i, r in enumerate(rows)]  # 4 "no" in 64
+    assert [r["output"] for r in ev.first_queries(few_no, 10)].count("no") == 4  # all of the rarer label, then the rest
+    free = [dict(r, options=[]) for r in rows]
+    assert ev.first_queries(free, 5) == free[:5] and ev.first_queries(rows, None) == rows == ev.first_queries(rows, 64)
