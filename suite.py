@@ -74,9 +74,11 @@ SYLLABLE_SETS = {"train": [SYLLABLES, ["mu", "ka", "po", "ti", "re", "so", "ya",
                  "test": [["ven", "dor", "kul", "mip", "tas", "rog"]]}
 
 
-def label_words(rng, split, n):
-    """n distinct answer words of one kind, the kind drawn per task instance."""
-    kinds = {"train": ["english", "nonce", "nonce", "digit", "letter", "phrase"],
+def label_words(rng, split, n, fresh=False):
+    """n distinct answer words of one kind, the kind drawn per task instance. fresh (held-in
+    instances made for training): a third of the instances get new letter strings instead, so no
+    vocabulary of answers can be learned, only read from the context (RESULTS.md: recipes)."""
+    kinds = {"train": ["english", "nonce", "nonce", "digit", "letter", "phrase"] + ["fresh"] * 3 * fresh,
              "dev": ["english", "nonce", "code"], "test": ["english", "nonce", "number"]}[split]
     kind = kinds[int(rng.integers(len(kinds)))]
     make = {"english": lambda: str(rng.choice(ENGLISH[split])),
@@ -85,7 +87,8 @@ def label_words(rng, split, n):
             "letter": lambda: str(rng.choice(list(LETTERS.upper()))),
             "phrase": lambda: " ".join(rng.choice(ENGLISH[split], size=2)),
             "code": lambda: str(rng.choice(list(LETTERS.upper()))) + str(int(rng.integers(10))),
-            "number": lambda: str(int(rng.integers(200, 1000)))}[kind]  # above any training answer
+            "number": lambda: str(int(rng.integers(200, 1000))),  # above any training answer
+            "fresh": lambda: letters(rng)}[kind]
     syllables = SYLLABLE_SETS[split][int(rng.integers(len(SYLLABLE_SETS[split])))]
     out = list(dict.fromkeys(make() for _ in range(20 * n)))[:n]
     return out + [out[int(rng.integers(len(out)))] for _ in range(n - len(out))]  # a small kind (digits) repeats
@@ -106,19 +109,19 @@ def letters(r, lo=3, hi=8):
     return "".join(r.choice(list(LETTERS), int(r.integers(lo, hi))))
 
 
-def keys_and_values(rng, split, n):
+def keys_and_values(rng, split, n, fresh=False):
     """A hidden dictionary of n keys to n answers, keys and answers each of a kind drawn per instance."""
     pick = input_picker(rng, split)
     keys = list(dict.fromkeys(pick(rng) for _ in range(4 * n)))[:n]
-    return keys, dict(zip(keys, label_words(rng, split, len(keys))))
+    return keys, dict(zip(keys, label_words(rng, split, len(keys), fresh)))
 
 
-def suite_instance(family, rng):
+def suite_instance(family, rng, fresh=False):
     """One task instance of `family` with its hidden rule drawn from rng. Returns
     (draw, rule, options): draw(r) picks an input, rule(input) is its answer. The family's split
     (held-in, dev, held-out) decides which vocabularies it is spelled in."""
     split = SPLIT_OF[family]
-    labels = label_words(rng, split, 4)
+    labels = label_words(rng, split, 4, fresh)
     pick_word = input_picker(rng, split, ("word", "letters"))
     pick_number = lambda r: str(int(r.integers(100)))
     # ---- held-in: what a general in-context learner does, each instance a new rule and new labels.
@@ -161,11 +164,11 @@ def suite_instance(family, rng):
         c = int(rng.integers(1, 20))
         return lambda r: str(int(r.integers(100))), lambda n: str(int(n) + c), []
     if family == "table_label":         # a hidden, arbitrary label for every key: only recall solves it
-        keys, _ = keys_and_values(rng, split, int(rng.integers(6, 13)))
+        keys, _ = keys_and_values(rng, split, int(rng.integers(6, 13)), fresh)
         label_of = {k: labels[i % 4] for i, k in enumerate(keys)}  # every label used
         return lambda r: keys[int(r.integers(len(keys)))], label_of.get, labels
     if family == "lookup":              # a hidden dictionary: keys and answers of any kind
-        keys, book = keys_and_values(rng, split, int(rng.integers(4, 13)))
+        keys, book = keys_and_values(rng, split, int(rng.integers(4, 13)), fresh)
         return lambda r: keys[int(r.integers(len(keys)))], book.get, []
     # ---- dev: chooses recipes; never trained on, never reported as the held-out result
     if family == "dev_length":          # is the word longer than a hidden length?
@@ -219,7 +222,8 @@ class SuiteSampler:
         family = self.families[rng.integers(len(self.families))]
         if family == "generic":  # the base model's own pre-training text, every token a target: keeps its skills
             return GenericSampler(self.tok, self.max_len, self.seed).sequence(step, index)
-        draw, rule, options = suite_instance(family, rng)
+        draw, rule, options = suite_instance(family, rng, fresh=True)  # (not in make_suite: one generator draws
+        # every split there, and fresh labels in its held-in files would change the dev and held-out files too)
         n = self.max_len // 4  # more than fit (>= 4 tokens each); with random shots, no more than max_shots
         inputs = [str(draw(rng)) for _ in range(min(n, self.max_shots or n) if self.shots == "random" else n)]
         examples = [encode_example(self.tok, dict(input=x, output=rule(x), options=options)) for x in inputs]

@@ -281,3 +281,19 @@ def test_held_out_and_dev_tasks_speak_their_own_vocabulary(tmp_path):
     rng = np.random.default_rng(0)
     words = {w for _ in range(50) for w in suite.roster(rng).split()}
     assert not words & set(suite.ENGLISH["dev"]) and not words & set(suite.ENGLISH["test"])  # generic text too
+
+
+def test_fresh_labels_in_training_draws_only():
+    """SuiteSampler's held-in instances: a third get answers that are new letter strings (no
+    vocabulary to learn); make_suite's files keep the vocabularies, and so its dev and held-out
+    files stay as they were."""
+    import re
+    from suite import ALL_WORDS, SYLLABLE_SETS, label_words
+    nonce = [re.compile("(?:" + "|".join(s) + ")+") for s in SYLLABLE_SETS["train"]]
+    def fresh(labels):  # lowercase letters, not an English word, not made of training syllables
+        return all(w.isalpha() and w.islower() and w not in ALL_WORDS and not any(p.fullmatch(w) for p in nonce)
+                   for w in labels)
+    for flag, low, high in ((False, 0.0, 0.0), (True, 0.27, 0.40)):
+        share = np.mean([fresh(label_words(np.random.default_rng(i), "train", 4, flag)) for i in range(600)])
+        assert low <= share <= high, (flag, share)
+    assert label_words(np.random.default_rng(1), "test", 4, True) == label_words(np.random.default_rng(1), "test", 4)

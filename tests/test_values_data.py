@@ -99,20 +99,20 @@ def test_suite_families_mask_shots_and_seed(env, spy, tmp_path):
     for d in drawn:
         assert n_shots(d.tokens, tok.newline_id) == 3
         assert d.targets.tolist() == layout_targets(d.tokens, "last", tok.newline_id)
-    spy.run(str(tmp_path / "b"), env, data="suite", batch_size=8, seq_len=96)
+    spy.run(str(tmp_path / "b"), env, data="suite", batch_size=8, seq_len=128)
     assert set(spy.families) <= set(suite.HELD_IN) and len(set(spy.families)) >= 4
     generic = {(d.step, d.index) for d in spy.sequences(suite.GenericSampler)}
     drawn = spy.sequences(suite.SuiteSampler)
     assert len(drawn) == 8 and generic and len(spy.families) + len(generic) == 8
     for d in drawn:
         if (d.step, d.index) in generic:  # filled with text, every next token a target
-            assert len(d.tokens) == 96 and d.targets.tolist() == d.tokens[1:].tolist() + [IGNORE]
+            assert len(d.tokens) == 128 and d.targets.tolist() == d.tokens[1:].tolist() + [IGNORE]
             continue
         assert d.targets.tolist() == layout_targets(d.tokens, "all", tok.newline_id)
         assert n_shots(d.tokens, tok.newline_id) > 3
         nl = [t for t, v in enumerate(d.tokens.tolist()) if v == tok.newline_id]
         longest = max(b - a for a, b in zip([0] + nl[1::4], nl[1::4]))  # one example with its separator
-        assert 96 - 2 * longest < len(d.tokens) <= 96  # filled: no room for another example of its kind
+        assert 128 - 2 * longest < len(d.tokens) <= 128  # filled: no room for another example of its kind
 
 
 def test_generic_data_is_language_modelling(env, spy, tmp_path):

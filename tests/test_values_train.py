@@ -128,9 +128,9 @@ class Spy:
                 self.models.append(model)
                 return model
             monkeypatch.setattr(train, name, load)
-        def instance(family, rng, made=suite.suite_instance):
+        def instance(family, rng, made=suite.suite_instance, **options):
             self.families.append(family)
-            return made(family, rng)
+            return made(family, rng, **options)
         monkeypatch.setattr(suite, "suite_instance", instance)
         monkeypatch.setattr(train, "ensure_suite", lambda *a: None)  # the suite's files are not needed here
         self.hooks = [register_optimizer_step_pre_hook(self.before), register_optimizer_step_post_hook(self.after)]
