@@ -283,7 +283,7 @@ def test_held_out_and_dev_tasks_speak_their_own_vocabulary(tmp_path):
     assert not words & set(suite.ENGLISH["dev"]) and not words & set(suite.ENGLISH["test"])  # generic text too
 
 
-def test_fresh_labels_in_training_draws_only():
+def test_fresh_labels_in_training_draws_only(tok):
     """SuiteSampler's held-in instances: a third get answers that are new letter strings (no
     vocabulary to learn); make_suite's files keep the vocabularies, and so its dev and held-out
     files stay as they were."""
@@ -297,3 +297,7 @@ def test_fresh_labels_in_training_draws_only():
         share = np.mean([fresh(label_words(np.random.default_rng(i), "train", 4, flag)) for i in range(600)])
         assert low <= share <= high, (flag, share)
     assert label_words(np.random.default_rng(1), "test", 4, True) == label_words(np.random.default_rng(1), "test", 4)
+    from suite import SuiteSampler
+    sampler = SuiteSampler(tok, 160, "all", seed=2, families=["lookup"])
+    answers = [tok.decode(sampler.sequence(0, i)[0].tolist()).split("\n")[1::4] for i in range(90)]
+    assert 0.2 <= np.mean([fresh(a[:1]) for a in answers]) <= 0.5  # the sampler's instances: a third fresh
