@@ -113,6 +113,20 @@ def write_jsonl(path, rows):
     os.replace(path + ".tmp", path)
 
 
+def label_balanced(rows, n):
+    """At most n rows, in file order; with options, every label as often as the rows allow (one
+    round of labels after another). A file's first n rows can be mostly one label, and would then
+    reward a model that names that label every time. The suite's test sets and eval.py --max_test."""
+    if n is None or n >= len(rows) or not rows[0]["options"]:
+        return rows[:n]
+    by_label = {}
+    for i, row in enumerate(rows):
+        by_label.setdefault(row["output"], []).append(i)
+    rounds = range(max(map(len, by_label.values())))
+    taken = [rows_of[r] for r in rounds for rows_of in by_label.values() if r < len(rows_of)][:n]
+    return [rows[i] for i in sorted(taken)]
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:

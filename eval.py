@@ -154,20 +154,6 @@ def evaluate_prompt(model, cache, demos, queries, tok, batch_tokens, max_new_tok
     return dict(metrics, shots=len(demos), prefix_tokens=len(prefix), n=len(queries), samples=samples), stats
 
 
-def first_queries(examples, n):
-    """At most n test examples, in file order. With options, a label-balanced n: a file's first n
-    rows can be mostly one label (a balanced file sorted by anything), and would then reward a
-    model that names that label every time."""
-    if n is None or n >= len(examples) or not examples[0]["options"]:
-        return examples[:n]
-    by_label = {}
-    for i, ex in enumerate(examples):
-        by_label.setdefault(ex["output"], []).append(i)
-    longest = max(map(len, by_label.values()))
-    taken = [rows[r] for r in range(longest) for rows in by_label.values() if r < len(rows)][:n]  # round-robin
-    return [examples[i] for i in sorted(taken)]
-
-
 def encode_eval_task(name, pool, examples, tok, seq_len, max_test=None):
     """(pool of Encoded, test queries as (example, Encoded)). Queries too long for seq_len even
     with no demonstrations are dropped, with a note."""
@@ -175,7 +161,7 @@ def encode_eval_task(name, pool, examples, tok, seq_len, max_test=None):
         raise ValueError(f"task '{name}': the same examples would be demonstrations and test set; give it train and test files")
     if len({bool(ex["options"]) for ex in examples}) > 1:
         raise ValueError(f"task '{name}': some test examples have options and some do not")
-    queries = [(ex, data.encode_example(tok, ex)) for ex in first_queries(examples, max_test)]
+    queries = [(ex, data.encode_example(tok, ex)) for ex in data.label_balanced(examples, max_test)]
     fits = [(ex, q) for ex, q in queries if 1 + answer_room([q], 0) <= seq_len and 1 + answer_room([q], 1) <= seq_len]
     if len(fits) < len(queries):
         print(f"note: task '{name}': {len(queries) - len(fits)} test queries longer than seq_len={seq_len} left out")

@@ -9,10 +9,11 @@ held-in ones. Generic text (plays, songs, stories) pre-trains the small base mod
 """
 import os
 import shutil
+import zlib
 
 import numpy as np
 
-from data import EXAMPLE_SEPARATOR, build_sequence, encode_example, targets_for, write_jsonl
+from data import EXAMPLE_SEPARATOR, build_sequence, encode_example, label_balanced, targets_for, write_jsonl
 
 SUITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "suite")
 # the suite is spelled in the vocabulary of the base model it fine-tunes: a copy of its tokenizer
@@ -74,11 +75,11 @@ SYLLABLE_SETS = {"train": [SYLLABLES, ["mu", "ka", "po", "ti", "re", "so", "ya",
                  "test": [["ven", "dor", "kul", "mip", "tas", "rog"]]}
 
 
-def label_words(rng, split, n, fresh=False):
-    """n distinct answer words of one kind, the kind drawn per task instance. fresh (held-in
-    instances made for training): a third of the instances get new letter strings instead, so no
-    vocabulary of answers can be learned, only read from the context (RESULTS.md: recipes)."""
-    kinds = {"train": ["english", "nonce", "nonce", "digit", "letter", "phrase"] + ["fresh"] * 3 * fresh,
+def label_words(rng, split, n):
+    """n distinct answer words of one kind, the kind drawn per task instance. A third of held-in
+    instances get new letter strings ("fresh"): no vocabulary of answers can be learned from them,
+    only read from the context (RESULTS.md: recipes)."""
+    kinds = {"train": ["english", "nonce", "nonce", "digit", "letter", "phrase"] + ["fresh"] * 3,
              "dev": ["english", "nonce", "code"], "test": ["english", "nonce", "number"]}[split]
     kind = kinds[int(rng.integers(len(kinds)))]
     make = {"english": lambda: str(rng.choice(ENGLISH[split])),
@@ -109,19 +110,19 @@ def letters(r, lo=3, hi=8):
     return "".join(r.choice(list(LETTERS), int(r.integers(lo, hi))))
 
 
-def keys_and_values(rng, split, n, fresh=False):
+def keys_and_values(rng, split, n):
     """A hidden dictionary of n keys to n answers, keys and answers each of a kind drawn per instance."""
     pick = input_picker(rng, split)
     keys = list(dict.fromkeys(pick(rng) for _ in range(4 * n)))[:n]
-    return keys, dict(zip(keys, label_words(rng, split, len(keys), fresh)))
+    return keys, dict(zip(keys, label_words(rng, split, len(keys))))
 
 
-def suite_instance(family, rng, fresh=False):
+def suite_instance(family, rng):
     """One task instance of `family` with its hidden rule drawn from rng. Returns
     (draw, rule, options): draw(r) picks an input, rule(input) is its answer. The family's split
     (held-in, dev, held-out) decides which vocabularies it is spelled in."""
     split = SPLIT_OF[family]
-    labels = label_words(rng, split, 4, fresh)
+    labels = label_words(rng, split, 4)
     pick_word = input_picker(rng, split, ("word", "letters"))
     pick_number = lambda r: str(int(r.integers(100)))
     # ---- held-in: what a general in-context learner does, each instance a new rule and new labels.
@@ -164,11 +165,11 @@ def suite_instance(family, rng, fresh=False):
         c = int(rng.integers(1, 20))
         return lambda r: str(int(r.integers(100))), lambda n: str(int(n) + c), []
     if family == "table_label":         # a hidden, arbitrary label for every key: only recall solves it
-        keys, _ = keys_and_values(rng, split, int(rng.integers(6, 13)), fresh)
+        keys, _ = keys_and_values(rng, split, int(rng.integers(6, 13)))
         label_of = {k: labels[i % 4] for i, k in enumerate(keys)}  # every label used
         return lambda r: keys[int(r.integers(len(keys)))], label_of.get, labels
     if family == "lookup":              # a hidden dictionary: keys and answers of any kind
-        keys, book = keys_and_values(rng, split, int(rng.integers(4, 13)), fresh)
+        keys, book = keys_and_values(rng, split, int(rng.integers(4, 13)))
         return lambda r: keys[int(r.integers(len(keys)))], book.get, []
     # ---- dev: chooses recipes; never trained on, never reported as the held-out result
     if family == "dev_length":          # is the word longer than a hidden length?
@@ -200,7 +201,7 @@ def suite_instance(family, rng, fresh=False):
     raise ValueError(f"unknown suite family {family!r}")
 
 
-SUITE_VERSION = "v7"  # bump when the generated suite changes, so stale copies are rewritten
+SUITE_VERSION = "v8"  # bump when the generated suite changes, so stale copies are rewritten
 HELD_IN = ["feature_label", "part_label", "edit", "number_rule", "table_label", "lookup", "generic"]
 DEV = ["dev_length", "dev_table", "dev_lookup", "dev_last_letters"]
 HELD_OUT = ["vowel_start", "test_table", "translate", "suffix"]
@@ -222,8 +223,7 @@ class SuiteSampler:
         family = self.families[rng.integers(len(self.families))]
         if family == "generic":  # the base model's own pre-training text, every token a target: keeps its skills
             return GenericSampler(self.tok, self.max_len, self.seed).sequence(step, index)
-        draw, rule, options = suite_instance(family, rng, fresh=True)  # (not in make_suite: one generator draws
-        # every split there, and fresh labels in its held-in files would change the dev and held-out files too)
+        draw, rule, options = suite_instance(family, rng)
         n = self.max_len // 4  # more than fit (>= 4 tokens each); with random shots, no more than max_shots
         inputs = [str(draw(rng)) for _ in range(min(n, self.max_shots or n) if self.shots == "random" else n)]
         examples = [encode_example(self.tok, dict(input=x, output=rule(x), options=options)) for x in inputs]
@@ -231,26 +231,16 @@ class SuiteSampler:
                               max_shots=self.max_shots, shots=self.shots)
 
 
-def balanced(rows, n):
-    """n rows with every option label equally often, where the rows allow (free-form: the first n)."""
-    if not rows[0]["options"]:
-        return rows[:n]
-    by_label = {}
-    for r in rows:
-        by_label.setdefault(r["output"], []).append(r)
-    each = max(1, n // len(rows[0]["options"]))
-    out = [r for group in by_label.values() for r in group[:each]]
-    return sorted(out, key=rows.index)[:n]
-
-
-def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 400), n_test=64):
+def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 8), n_train=(160, 400), n_test=64):
     """Write the suite: train/{task}.jsonl (held-in), and for the dev and held-out families
     dev/{task}/ and eval/{task}/ each with train.jsonl (a demonstration pool) and test.jsonl (a
     test set, labels balanced where the task allows); generic text to score perplexity on (the
     forgetting check); and the tokenizer, the base model's own (assets/base-nano). Deterministic
     in `seed`. Many instances per held-in family, each with its own hidden rule: with few, a
-    small model memorises each instance's rule instead of learning to read it from the context."""
-    rng = np.random.default_rng(seed)
+    small model memorises each instance's rule instead of learning to read it from the context.
+    Every file is drawn from a generator of its own, seeded by (seed, its name): a held-in family
+    added, removed or changed leaves the dev and held-out files exactly as they were."""
+    own_rng = lambda name: np.random.default_rng([seed, zlib.crc32(name.encode())])
     written = []
     def write_rows(name, rows):
         write_jsonl(os.path.join(out_dir, name), rows)
@@ -260,16 +250,18 @@ def make_suite(out_dir=SUITE_DIR, seed=1234, instances=(50, 2), n_train=(160, 40
                                               (HELD_OUT, instances[1], n_train[1], "eval")):
         for fam in families:
             for i in range(n_inst):
-                draw, rule, options = suite_instance(fam, rng)
                 task = f"{fam}_{i}"
+                rng = own_rng(task)
+                draw, rule, options = suite_instance(fam, rng)
                 rows = [dict(input=x, output=rule(x), task=task, options=options)
                         for x in (str(draw(rng)) for _ in range(n_ex + (8 * n_test if split_dir != "train" else 0)))]
                 if split_dir == "train":
                     write_rows(f"train/{task}.jsonl", rows)
                 else:
                     write_rows(f"{split_dir}/{task}/train.jsonl", rows[:n_ex])
-                    write_rows(f"{split_dir}/{task}/test.jsonl", balanced(rows[n_ex:], n_test))
+                    write_rows(f"{split_dir}/{task}/test.jsonl", label_balanced(rows[n_ex:], n_test))
     # generic text never trained on, to score perplexity on
+    rng = own_rng("generic_test")
     docs = [generic_document(rng) for _ in range(60)]
     open(os.path.join(out_dir, "generic_test.txt"), "w").write("\n\n".join(docs) + "\n")
     shutil.copy(BASE_TOKENIZER, os.path.join(out_dir, "tokenizer.model"))

@@ -283,21 +283,37 @@ def test_held_out_and_dev_tasks_speak_their_own_vocabulary(tmp_path):
     assert not words & set(suite.ENGLISH["dev"]) and not words & set(suite.ENGLISH["test"])  # generic text too
 
 
-def test_fresh_labels_in_training_draws_only(tok):
-    """SuiteSampler's held-in instances: a third get answers that are new letter strings (no
-    vocabulary to learn); make_suite's files keep the vocabularies, and so its dev and held-out
-    files stay as they were."""
+def test_fresh_labels_in_held_in_instances_only(tok, tmp_path):
+    """A third of held-in instances get answers that are new letter strings (no vocabulary to
+    learn), in SuiteSampler's draws and in make_suite's held-in files alike; dev and held-out
+    instances never do."""
     import re
-    from suite import ALL_WORDS, SYLLABLE_SETS, label_words
-    nonce = [re.compile("(?:" + "|".join(s) + ")+") for s in SYLLABLE_SETS["train"]]
-    def fresh(labels):  # lowercase letters, not an English word, not made of training syllables
-        return all(w.isalpha() and w.islower() and w not in ALL_WORDS and not any(p.fullmatch(w) for p in nonce)
+    from suite import ENGLISH, SYLLABLE_SETS, label_words
+    def fresh(labels, split="train"):  # lowercase letters, not one of the split's English words or syllable strings
+        nonce = [re.compile("(?:" + "|".join(s) + ")+") for s in SYLLABLE_SETS[split]]
+        return all(w.isalpha() and w.islower() and w not in ENGLISH[split] and not any(p.fullmatch(w) for p in nonce)
                    for w in labels)
-    for flag, low, high in ((False, 0.0, 0.0), (True, 0.27, 0.40)):
-        share = np.mean([fresh(label_words(np.random.default_rng(i), "train", 4, flag)) for i in range(600)])
-        assert low <= share <= high, (flag, share)
-    assert label_words(np.random.default_rng(1), "test", 4, True) == label_words(np.random.default_rng(1), "test", 4)
+    for split, low, high in (("train", 0.27, 0.40), ("dev", 0.0, 0.0), ("test", 0.0, 0.0)):
+        share = np.mean([fresh(label_words(np.random.default_rng(i), split, 4), split) for i in range(600)])
+        assert low <= share <= high, (split, share)
     from suite import SuiteSampler
     sampler = SuiteSampler(tok, 160, "all", seed=2, families=["lookup"])
     answers = [tok.decode(sampler.sequence(0, i)[0].tolist()).split("\n")[1::4] for i in range(90)]
     assert 0.2 <= np.mean([fresh(a[:1]) for a in answers]) <= 0.5  # the sampler's instances: a third fresh
+    files = load_tasks(os.path.join(make_suite(str(tmp_path / "s"), instances=(30, 1), n_train=(4, 4), n_test=2), "train"))
+    assert 0.15 <= np.mean([fresh([ex["output"] for ex in files[f"lookup_{i}"]]) for i in range(30)]) <= 0.55
+
+
+def test_held_in_families_do_not_move_dev_and_held_out_files(tmp_path, monkeypatch):
+    """Each suite file is drawn from its own generator: with a held-in family removed (or added,
+    or changed), every dev and held-out file, and the generic test text, stays byte for byte."""
+    import suite
+    a = make_suite(str(tmp_path / "a"), instances=(2, 1), n_train=(10, 20), n_test=4)
+    monkeypatch.setattr(suite, "HELD_IN", [f for f in suite.HELD_IN if f != "edit"])
+    b = make_suite(str(tmp_path / "b"), instances=(2, 1), n_train=(10, 20), n_test=4)
+    assert os.path.isfile(os.path.join(a, "train", "edit_0.jsonl")) and not os.path.isfile(os.path.join(b, "train", "edit_0.jsonl"))
+    same = [os.path.join(split, task, f) for split in ("dev", "eval") for task in os.listdir(os.path.join(a, split))
+            for f in ("train.jsonl", "test.jsonl")] + ["generic_test.txt", os.path.join("train", "lookup_1.jsonl")]
+    assert len(same) > 16
+    for name in same:
+        assert open(os.path.join(a, name)).read() == open(os.path.join(b, name)).read(), name

@@ -372,15 +372,17 @@ def test_lora_dropout_drops_the_adapters_input_only():
     torch.testing.assert_close(m(x), x @ W.T + 2.0 * (x @ A.T @ B.T))
 
 
-def test_max_test_takes_a_label_balanced_subset():
+def test_max_test_takes_a_label_balanced_subset(env):
     """--max_test on an option task: as many queries of each label as the file allows, in file
-    order (a file's first rows, here 27 of one label, would reward naming that label)."""
-    import eval as ev
+    order (a file's first rows, here 27 of one label, would reward naming that label). The suite's
+    test sets are cut by the same rule."""
     rows = [dict(input=str(i), output="yes" if i < 27 or i >= 59 else "no", options=["yes", "no"]) for i in range(64)]
-    picked = ev.first_queries(rows, 32)
+    picked = data.label_balanced(rows, 32)
     assert [r["input"] for r in picked] == [str(i) for i in list(range(16)) + list(range(27, 43))]
     assert [r["output"] for r in picked].count("no") == 16
+    _, queries = ev.encode_eval_task("t", rows[:4], rows, env["tok"], 64, max_test=32)
+    assert [ex for ex, _ in queries] == picked  # what eval.py scores
     few_no = [dict(r, output="no" if 27 <= i < 31 else "yes") for i, r in enumerate(rows)]  # 4 "no" in 64
-    assert [r["output"] for r in ev.first_queries(few_no, 10)].count("no") == 4  # all of the rarer label, then the rest
+    assert [r["output"] for r in data.label_balanced(few_no, 10)].count("no") == 4  # all of the rarer label, then the rest
     free = [dict(r, options=[]) for r in rows]
-    assert ev.first_queries(free, 5) == free[:5] and ev.first_queries(rows, None) == rows == ev.first_queries(rows, 64)
+    assert data.label_balanced(free, 5) == free[:5] and data.label_balanced(rows, None) == rows == data.label_balanced(rows, 64)
