@@ -207,6 +207,14 @@ def recall(ckpts, n_seq=12):
         print(f"{ckpt}: recall top-1 by key kind: " + ", ".join(line), flush=True)
 
 
+def by_family(tasks, score):
+    """{family: the mean of score(task) over the family's instances}; a task is named {family}_{i}."""
+    families = {}
+    for t in tasks:
+        families.setdefault(t.rsplit("_", 1)[0], []).append(score(t))
+    return {f: float(np.mean(v)) for f, v in sorted(families.items())}
+
+
 def mean_spread(values):
     v = np.array([x for x in values if x is not None], dtype=float)
     return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "–"
@@ -258,18 +266,21 @@ def report():
         cols[key, "untrained"] = [[lm["summary"][k]["trained"][key]] for k in ks]
         for a in arms:
             cols[key, a] = [[res[(a, s)]["summary"][k]["trained"][key] for s in SEEDS] for k in ks]
-        table(f"{title}; macro-average over the 8 held-out tasks; mean ± std over {len(SEEDS)} training seeds, "
+        table(f"{title}; macro-average over the {len(dedicated_tasks())} held-out tasks; mean ± std over {len(SEEDS)} training seeds, "
               "each the mean over 2 demonstration seeds", head,
               {a: [mean_spread(c) for c in cols[key, a]] for a in ["untrained", *arms]})
     tasks = dedicated_tasks()
     dedicated = {t: [load(f"{RUNS}/dedicated-{t}-{s}")["summary"]["0"]["trained"]["mean"] for s in SEEDS
                      if os.path.exists(f"{RUNS}/dedicated-{t}-{s}/eval.json")] for t in tasks}
-    per_task = {"untrained": [mean_spread([lm["tasks"][t]["k"]["max"]["trained"]["mean"]]) for t in tasks]}
-    per_task.update({a: [mean_spread([res[(a, s)]["tasks"][t]["k"]["max"]["trained"]["mean"] for s in SEEDS])
-                         for t in tasks] for a in arms})
-    per_task["dedicated (k=0)"] = [mean_spread(dedicated[t]) for t in tasks]
-    table("Per held-out task at k=max; dedicated fine-tuning is one model per task, evaluated at k=0",
-          ["method"] + tasks, per_task)
+    at_max = lambda result: lambda t: result["tasks"][t]["k"]["max"]["trained"]["mean"]
+    families = list(by_family(tasks, at_max(lm)))
+    cells = lambda scores: [mean_spread([by_family(tasks, score)[f] for score in scores]) for f in families]  # over seeds
+    per_family = {"untrained": cells([at_max(lm)]), **{a: cells([at_max(res[(a, s)]) for s in SEEDS]) for a in arms}}
+    complete = all(len(dedicated[t]) == len(SEEDS) for t in tasks)
+    per_family["dedicated (k=0)"] = (cells([lambda t, i=i: dedicated[t][i] for i in range(len(SEEDS))]) if complete
+                                     else ["–"] * len(families))
+    table("Per held-out family at k=max (mean over its instances); dedicated fine-tuning is one model per task, "
+          "evaluated at k=0", ["method"] + families, per_family)
     lengths = PPL[-1].split(",")
     ppl = {"untrained": [[lm["perplexity"][L]["trained"]["ppl"]] for L in lengths]}
     ppl.update({a: [[res[(a, s)]["perplexity"][L]["trained"]["ppl"] for s in SEEDS] for L in lengths] for a in arms})

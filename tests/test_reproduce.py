@@ -50,3 +50,8 @@ def test_logged_tokens(reproduce, tmp_path):
         for tokens, targets, ms in ((8000, 3000, 250.0), (7990, 2900, 500.0)):
             f.write(json.dumps(dict(tokens_per_s=tokens / ms * 1000, target_tokens_per_s=targets / ms * 1000, ms=ms)) + "\n")
     assert reproduce.logged(tmp_path) == (15990, 5900)
+
+
+def test_by_family_averages_a_familys_instances(reproduce):
+    score = {"test_table_0": 1.0, "test_table_1": 0.5, "suffix_0": 0.0, "suffix_1": 0.25, "suffix_2": 0.5}
+    assert reproduce.by_family(list(score), score.get) == {"suffix": 0.25, "test_table": 0.75}
