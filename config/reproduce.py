@@ -1,7 +1,7 @@
 """
 The paper's three claims on the built-in suite, every arm fine-tuned from the same base model:
 
-    python config/reproduce.py                 # CPU route: from assets/base-nano, 20-25 min on 2 cores
+    python config/reproduce.py                 # CPU route: from assets/base-nano, about 30 min on 2 cores
     python config/reproduce.py --report        # only the tables, verdicts and plots, from finished runs
     python config/reproduce.py --gpu           # GPU route: the full size, many runs at a time on one GPU (unmeasured)
     python config/reproduce.py --recall CKPT...  # a base model's recall in the task layout, by kind of key
