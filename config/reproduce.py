@@ -274,7 +274,9 @@ def report():
                      if os.path.exists(f"{RUNS}/dedicated-{t}-{s}/eval.json")] for t in tasks}
     at_max = lambda result: lambda t: result["tasks"][t]["k"]["max"]["trained"]["mean"]
     families = list(by_family(tasks, at_max(lm)))
-    cells = lambda scores: [mean_spread([by_family(tasks, score)[f] for score in scores]) for f in families]  # over seeds
+    def cells(scores):  # a row of the table: each family's mean ± std over the scores (seeds)
+        columns = [by_family(tasks, score) for score in scores]
+        return [mean_spread([c[f] for c in columns]) for f in families]
     per_family = {"untrained": cells([at_max(lm)]), **{a: cells([at_max(res[(a, s)]) for s in SEEDS]) for a in arms}}
     complete = all(len(dedicated[t]) == len(SEEDS) for t in tasks)
     per_family["dedicated (k=0)"] = (cells([lambda t, i=i: dedicated[t][i] for i in range(len(SEEDS))]) if complete
