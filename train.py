@@ -51,6 +51,8 @@ class TrainConfig:
     setting: str = ""                  # MetaICL's config/{setting}.json (e.g. hr_to_lr): train on its "train" tasks,
                                        # {data}/{task}/{task}_16384_100_train.jsonl each ("" = every task in `data`)
     families: str = ""                 # suite families to train on, comma-separated ("" = suite.HELD_IN)
+    generic_share: float = 0.8         # share of suite sequences that are the base's own pre-training text, every
+                                       # token a target: it keeps the base's recall (chosen on dev, RESULTS.md)
     eval_data: str = "data/suite/dev"  # tasks for the validation loss ("" = none); the suite's dev families by default
     tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
     out_dir: str = "out"
@@ -125,12 +127,14 @@ def check_options(cfg, world):
     if cfg.loss_mask not in ("all", "last", "none"):
         raise ValueError(f"loss_mask must be all, last or none; got '{cfg.loss_mask}'")
     check_shots(cfg.shots)
+    if not 0 <= cfg.generic_share < 1:
+        raise ValueError(f"generic_share must be in [0, 1): the share of suite sequences that are generic text; got {cfg.generic_share}")
     if cfg.keep_last < 1 or not cfg.task_temperature > 0:
         raise ValueError(f"keep_last must be at least 1 and task_temperature above 0; got {cfg.keep_last}, {cfg.task_temperature}")
     text = cfg.data in ("suite", "generic")
     for names, ignored, why in (  # options that would have no effect in this run
             ("setting", text, "it needs data=<MetaICL data folder> (holding {task}/{task}_16384_100_train.jsonl)"),
-            ("families", cfg.data != "suite", "only the built-in suite (data=suite) has families"),
+            ("families generic_share", cfg.data != "suite", "only the built-in suite (data=suite) has families"),
             ("task_temperature", text, "it weights task files by their size; the suite and generic text have none"),
             ("preset", cfg.init != "scratch", "the model's shape comes from init; preset is for init=scratch"),
             ("lora_alpha lora_dropout lora_targets", not cfg.lora_rank, "LoRA is off (lora_rank=0)"),
@@ -150,8 +154,8 @@ def make_samplers(cfg, tok):
         ensure_suite()  # generated once, a few seconds; one rank writes, the others wait (a lock)
     if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (suite.SuiteSampler)
         families = cfg.families.split(",") if cfg.families else HELD_IN
-        sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, max_shots, families, cfg.shots)
-        about_data = "built-in suite: a fresh task instance per sequence"
+        sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, max_shots, families, cfg.shots, cfg.generic_share)
+        about_data = f"built-in suite: a fresh task instance per sequence, {cfg.generic_share:.0%} of them generic text"
     elif cfg.data == "generic":  # language-model pre-training on fresh generic stories
         sampler = GenericSampler(tok, cfg.seq_len, cfg.seed)
         about_data = "generic text: fresh stories, every token a target"

@@ -181,7 +181,7 @@ def test_suite_is_deterministic_and_needs_context(tmp_path):
     a, b = make_suite(str(tmp_path / "a"), instances=(3, 2), n_train=(20, 20), n_test=5), make_suite(str(tmp_path / "b"), instances=(3, 2), n_train=(20, 20), n_test=5)
     train = load_tasks(os.path.join(a, "train"))
     assert train == load_tasks(os.path.join(b, "train"))
-    assert len({t.rsplit("_", 1)[0] for t in train}) == len(HELD_IN) - 1 >= 6  # all but generic text have files
+    assert len({t.rsplit("_", 1)[0] for t in train}) == len(HELD_IN) >= 6  # every held-in family has files
     held_out = load_tasks(os.path.join(a, "eval"), split="test")
     assert len({t.rsplit("_", 1)[0] for t in held_out}) == len(HELD_OUT) >= 4
     assert len({t.rsplit("_", 1)[0] for t in load_tasks(os.path.join(a, "dev"), split="test")}) == len(DEV) >= 4
@@ -190,6 +190,17 @@ def test_suite_is_deterministic_and_needs_context(tmp_path):
     cl = [load_tasks(os.path.join(a, "train", f"table_label_{i}.jsonl"))[f"table_label_{i}"] for i in (0, 1)]
     assert cl[0][0]["options"] != cl[1][0]["options"]
     Tokenizer(os.path.join(a, "tokenizer.model"))
+
+
+def test_generic_share_of_suite_sequences_is_language_modelling(tok):
+    """generic_share of the sequences are the base model's pre-training text (every next token a
+    target), the rest task sequences (targets on answers only); share 0 draws no text at all."""
+    from suite import SuiteSampler
+    is_text = lambda seq: int((seq[1] != IGNORE).sum()) == len(seq[0]) - 1
+    for share in (0.0, 0.25, 0.75):
+        sampler = SuiteSampler(tok, 160, "all", seed=5, generic_share=share)
+        text = np.mean([is_text(sampler.sequence(step, i)) for step in range(50) for i in range(8)])
+        assert (text == 0) if share == 0 else abs(text - share) < 0.06, (share, text)
 
 
 def test_suite_sampler_draws_a_fresh_hidden_rule_per_sequence(tok):

@@ -7,6 +7,7 @@ IGNORED = [  # (flags, the option named in the error)
     (["--task_temperature=2"], "task_temperature"),                        # the suite has no task sizes
     (["--data=generic", "--loss_mask=none", "--task_temperature=2"], "task_temperature"),
     (["--data=tasks/", "--families=parity"], "families"),                  # families belong to the suite
+    (["--data=tasks/", "--generic_share=0.5"], "generic_share"),
     (["--setting=config/hr_to_lr.json"], "setting"),                       # a setting names MetaICL files
     (["--preset=tiny"], "preset"),                                         # init gives the shape
     (["--lora_alpha=16"], "lora_alpha"),                                   # LoRA is off
@@ -17,7 +18,7 @@ IGNORED = [  # (flags, the option named in the error)
     (["--data=generic", "--loss_mask=none", "--max_shots=4"], "max_shots"),
     (["--data=generic"], "loss_mask=none"),                                # every token is a target there
 ]
-IMPOSSIBLE = [(["--keep_last=0"], "keep_last must be at least 1"), (["--data=t/", "--task_temperature=0"], "task_temperature above 0")]
+IMPOSSIBLE = [(["--keep_last=0"], "keep_last must be at least 1"), (["--generic_share=1"], "generic_share must be in"), (["--data=t/", "--task_temperature=0"], "task_temperature above 0")]
 
 
 @pytest.mark.parametrize("flags,named", IGNORED + IMPOSSIBLE)

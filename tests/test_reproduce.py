@@ -33,7 +33,7 @@ def test_arms_see_equal_tokens(reproduce, tmp_path, monkeypatch):
     assert answers["zero-shot"] == answers["few-shot"] == answers["mask-last"] == 1.0  # one supervised answer each
     assert answers["manyicl"] > 10
     from suite import HELD_IN
-    assert reproduce.FAMILIES.split("=")[1].split(",") == list(dict.fromkeys(f for f in HELD_IN if f != "generic"))
+    assert reproduce.FAMILIES.split("=")[1].split(",") == HELD_IN
 
 
 def test_margin_in_units_of_spread(reproduce):

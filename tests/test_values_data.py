@@ -88,10 +88,10 @@ def test_scratch_init_scales():
 
 def test_suite_families_mask_shots_and_seed(env, spy, tmp_path):
     """data=suite: only the families named are drawn (the held-in ones by default), every sequence
-    with the loss mask, max_shots and seed asked for; the held-in "generic" family is the base
+    with the loss mask, max_shots and seed asked for; a generic_share of the sequences is the base
     model's pre-training text, every token a target."""
     tok = env["tok"]
-    spy.run(str(tmp_path / "a"), env, data="suite", families="feature_label,edit", loss_mask="last", max_shots=3,
+    spy.run(str(tmp_path / "a"), env, data="suite", families="feature_label,edit", generic_share=0, loss_mask="last", max_shots=3,
             batch_size=8, seq_len=96, seed=11)
     assert set(spy.families) == {"feature_label", "edit"} and len(spy.families) == 8
     drawn = spy.sequences(suite.SuiteSampler)
@@ -99,11 +99,11 @@ def test_suite_families_mask_shots_and_seed(env, spy, tmp_path):
     for d in drawn:
         assert n_shots(d.tokens, tok.newline_id) == 3
         assert d.targets.tolist() == layout_targets(d.tokens, "last", tok.newline_id)
-    spy.run(str(tmp_path / "b"), env, data="suite", batch_size=8, seq_len=128)
-    assert set(spy.families) <= set(suite.HELD_IN) and len(set(spy.families)) >= 4
+    spy.run(str(tmp_path / "b"), env, data="suite", batch_size=16, seq_len=128, generic_share=0.5)
+    assert set(spy.families) <= set(suite.HELD_IN) and len(set(spy.families)) >= 3
     generic = {(d.step, d.index) for d in spy.sequences(suite.GenericSampler)}
     drawn = spy.sequences(suite.SuiteSampler)
-    assert len(drawn) == 8 and generic and len(spy.families) + len(generic) == 8
+    assert len(drawn) == 16 and 0 < len(generic) < 16 and len(spy.families) + len(generic) == 16  # both kinds
     for d in drawn:
         if (d.step, d.index) in generic:  # filled with text, every next token a target
             assert len(d.tokens) == 128 and d.targets.tolist() == d.tokens[1:].tolist() + [IGNORE]
