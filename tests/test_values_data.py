@@ -145,8 +145,8 @@ def test_stratified_shots_in_training_sequences(env, spy, tmp_path):
         balanced = [balanced_rounds(a[:8], ["yes", "no"]) for a in answers]
         assert all(balanced) if shots == "stratified" else not any(balanced), (shots, answers)
     # the suite: labels of one instance in rounds too (feature_label: two or three labels), three rounds
-    spy.run(str(tmp_path / "suite"), env, data="suite", families="feature_label", shots="stratified", batch_size=4,
-            seq_len=192)
+    spy.run(str(tmp_path / "suite"), env, data="suite", families="feature_label", generic_share=0, shots="stratified",
+            batch_size=4, seq_len=192)
     drawn = spy.sequences(suite.SuiteSampler)
     assert len(drawn) == 4
     for d in drawn:
