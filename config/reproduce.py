@@ -51,6 +51,7 @@ JOBS = option("jobs", 14 if GPU else 2)
 RUNS = option("runs", "runs-gpu" if GPU else "runs")
 SEEDS = [1, 2, 3]
 FAMILIES = "--families=feature_label,part_label,edit,number_rule,table_label,lookup"  # suite.HELD_IN
+ARM_DATA = [FAMILIES, "--generic_share=0"]  # the task families alone: the default's generic text is not a task
 COMMON = [*SIZE, "--eval_data=", "--log_interval=100000"]
 ARMS = {  # name: train.py flags; the same sampler seed gives mask-all and mask-last the very same sequences
     "zero-shot": ["--loss_mask=all", "--max_shots=1"],
@@ -138,7 +139,7 @@ def train_and_eval():
             out = f"{RUNS}/{name}-{seed}"
             shots = ["--shots", "stratified"] if name == "stratified" else []
             jobs.append((f"{out}/curve.json", [
-                ("train.py", *COMMON, FAMILIES, "--generic_share=0", *flags, f"--batch_size={batches[name]}", f"--init={base}",
+                ("train.py", *COMMON, *ARM_DATA, *flags, f"--batch_size={batches[name]}", f"--init={base}",
                  f"--max_steps={STEPS}", f"--ckpt_interval={STEPS}", f"--seed={seed}", f"--out_dir={out}"),
                 ("eval.py", "--ckpt", out, "--tasks", TASKS, *EVAL, *shots, "--out", f"{out}/eval.json"),
                 ("config/reproduce.py", "--curve", out)]))

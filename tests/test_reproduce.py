@@ -33,7 +33,10 @@ def test_arms_see_equal_tokens(reproduce, tmp_path, monkeypatch):
     assert answers["zero-shot"] == answers["few-shot"] == answers["mask-last"] == 1.0  # one supervised answer each
     assert answers["manyicl"] > 10
     from suite import HELD_IN
-    assert reproduce.FAMILIES.split("=")[1].split(",") == HELD_IN
+    from train import TrainConfig
+    from configurator import parse_config
+    arm = parse_config(reproduce.ARM_DATA, TrainConfig)  # what every multi-task arm trains on
+    assert arm.families.split(",") == HELD_IN and arm.generic_share == 0 and arm.data == "suite"
 
 
 def test_margin_in_units_of_spread(reproduce):
