@@ -30,7 +30,7 @@ from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, check_shots, colla
 from lora import apply_lora, load_lora
 from memory import checkpointing_mode, flops_per_token, peak_flops, sdpa_backend
 from metaicl import read_setting, setting_file
-from suite import HELD_IN, SUITE_DIR, GenericSampler, SuiteSampler, ensure_suite
+from suite import HELD_IN, SPLIT_OF, SUITE_DIR, GenericSampler, SuiteSampler, ensure_suite
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # AdamW's betas as in GPT-3, LLaMA and nanoGPT: beta2 = 0.95 forgets old squared gradients faster
@@ -154,6 +154,10 @@ def make_samplers(cfg, tok):
         ensure_suite()  # generated once, a few seconds; one rank writes, the others wait (a lock)
     if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (suite.SuiteSampler)
         families = cfg.families.split(",") if cfg.families else HELD_IN
+        unknown = sorted(set(families) - set(SPLIT_OF))
+        if unknown:
+            raise ValueError(f"families: unknown {', '.join(unknown)}; the suite has {', '.join(SPLIT_OF)} "
+                             f"(its generic text is not a family: --generic_share sets how much of it)")
         sampler = SuiteSampler(tok, cfg.seq_len, cfg.loss_mask, cfg.seed, max_shots, families, cfg.shots, cfg.generic_share)
         about_data = f"built-in suite: a fresh task instance per sequence, {cfg.generic_share:.0%} of them generic text"
     elif cfg.data == "generic":  # language-model pre-training on fresh generic stories

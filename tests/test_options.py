@@ -18,7 +18,7 @@ IGNORED = [  # (flags, the option named in the error)
     (["--data=generic", "--loss_mask=none", "--max_shots=4"], "max_shots"),
     (["--data=generic"], "loss_mask=none"),                                # every token is a target there
 ]
-IMPOSSIBLE = [(["--keep_last=0"], "keep_last must be at least 1"), (["--generic_share=1"], "generic_share must be in"), (["--data=t/", "--task_temperature=0"], "task_temperature above 0")]
+IMPOSSIBLE = [(["--keep_last=0"], "keep_last must be at least 1"), (["--families=edit,generic"], "unknown generic.*generic_share"), (["--generic_share=1"], "generic_share must be in"), (["--data=t/", "--task_temperature=0"], "task_temperature above 0")]
 
 
 @pytest.mark.parametrize("flags,named", IGNORED + IMPOSSIBLE)
