@@ -231,6 +231,7 @@ def test_sliding_window_refuses_longer_sequences():
 def test_targets_loss_equals_full_logits_cross_entropy():
     m = tiny_model()
     tokens = torch.randint(0, ARGS.vocab_size, (2, 20))
+    tokens[0, 5] = 0  # id 0 is a token like any other: only negative targets are unsupervised
     targets = torch.full((2, 20), -100)
     targets[0, 3:7] = tokens[0, 4:8]; targets[1, 15:19] = tokens[1, 16:20]
     logits = m(tokens)
