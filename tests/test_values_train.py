@@ -388,3 +388,18 @@ def test_activation_checkpointing_recomputes_blocks(env, spy, tmp_path, monkeypa
         calls.clear()
         spy.run(str(tmp_path / mode), env, activation_checkpointing=mode, grad_accum=2, seq_len=32)
         assert Counter(calls) == {i: 2 * times for i in range(env["args"].n_layers)}, mode  # 2 micro-steps
+
+
+def test_dropout_rng_is_seeded_from_seed_step_and_rank(env, spy, tmp_path, monkeypatch):
+    """LoRA dropout draws from the generator train.py seeds each step with seed * SEED_STRIDE +
+    step * STEP_STRIDE + rank (nothing draws before the first dropout of a step), so every step has
+    masks of its own, and a resumed run draws a straight one's."""
+    states, real = [], F.dropout
+    def recording(x, p=0.5, training=True, inplace=False):
+        states.append(torch.random.get_rng_state())
+        return real(x, p, training, inplace)
+    monkeypatch.setattr(F, "dropout", recording)
+    spy.run(tmp_path / "run", env, max_steps=3, lora_rank=2, lora_dropout=0.5)
+    for step in range(3):
+        torch.manual_seed(3 * train.SEED_STRIDE + step * train.STEP_STRIDE + 0)  # seed=3, rank 0
+        assert any(torch.equal(s, torch.random.get_rng_state()) for s in states), f"step {step}"

@@ -1,0 +1,88 @@
+"""Each built-in family's hidden rule, checked against what its comment in suite.py says it is, on
+many drawn instances: the dev and held-out scores in RESULTS.md mean these rules and no others."""
+import numpy as np
+import pytest
+
+from suite import DEV, HELD_IN, HELD_OUT, suite_instance
+
+VOWELS = "aeiou"
+
+
+def instances(family, n=40):
+    """n instances of `family`, each as (options, [(input, answer), ...])."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([7, i])
+        draw, rule, options = suite_instance(family, rng)
+        inputs = [str(draw(rng)) for _ in range(60)]
+        out.append((options, [(x, rule(x)) for x in inputs]))
+    return out
+
+
+def test_last_letters_are_the_inputs_last_two_or_three():
+    for _, pairs in instances("dev_last_letters"):
+        n = len(pairs[0][1])
+        assert n in (2, 3) and all(y == x[-n:] for x, y in pairs)
+
+
+def test_suffix_appends_two_hidden_letters():
+    seen = set()
+    for _, pairs in instances("suffix"):
+        suffix = pairs[0][1][len(pairs[0][0]):]
+        assert len(suffix) == 2 and suffix.isalpha()
+        assert all(y == x + suffix for x, y in pairs)
+        seen.add(suffix)
+    assert len(seen) > 20  # a new suffix per instance
+
+
+def test_vowel_start_labels_the_first_letter():
+    for options, pairs in instances("vowel_start"):
+        assert len(set(options)) == 2
+        assert all(y == options[x[0] in VOWELS] for x, y in pairs)
+
+
+def test_dev_length_thresholds_the_length_at_four_or_five():
+    for options, pairs in instances("dev_length"):
+        fits = [t for t in (4, 5) if all(y == options[len(x) > t] for x, y in pairs)]
+        assert fits, pairs[:5]
+
+
+def test_number_rule_adds_one_hidden_constant():
+    constants = set()
+    for _, pairs in instances("number_rule"):
+        diffs = {int(y) - int(x) for x, y in pairs}
+        assert len(diffs) == 1 and 1 <= min(diffs) <= 19
+        constants |= diffs
+    assert len(constants) > 5
+
+
+@pytest.mark.parametrize("family", ["lookup", "dev_lookup", "translate", "table_label", "dev_table", "test_table"])
+def test_dictionaries_and_tables_answer_each_key_one_way(family):
+    for options, pairs in instances(family):
+        book = {}
+        for x, y in pairs:
+            assert book.setdefault(x, y) == y  # a key always gets the same answer
+        assert 4 <= len(book) <= 12
+        if options:  # tables: a label for every key, every label used
+            assert set(book.values()) == set(options)
+
+
+def test_part_label_follows_the_key_not_the_noise():
+    for options, pairs in instances("part_label"):
+        parts = [x.split(" ") for x, _ in pairs]
+        assert all(len(p) == 2 for p in parts)
+        # one of the two parts decides the label, the same one for the whole instance
+        decides = [i for i in (0, 1) if all(
+            len({y for (x, y), p in zip(pairs, parts) if p[i] == key}) == 1 for key in {p[i] for p in parts})]
+        assert decides and set(y for _, y in pairs) <= set(options)
+
+
+def test_feature_label_answers_are_options():
+    for options, pairs in instances("feature_label"):
+        assert 2 <= len(set(options)) <= 3 and all(y in options for _, y in pairs)
+
+
+def test_every_family_draws_and_answers():
+    for family in HELD_IN + DEV + HELD_OUT:
+        for options, pairs in instances(family, n=5):
+            assert all(isinstance(y, str) and y for _, y in pairs), family
