@@ -86,3 +86,35 @@ def test_every_family_draws_and_answers():
     for family in HELD_IN + DEV + HELD_OUT:
         for options, pairs in instances(family, n=5):
             assert all(isinstance(y, str) and y for _, y in pairs), family
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def edit_ops():
+    """Every letter-level edit `edit` may hide, with every value of its hidden constant, written out
+    here by hand: (name, function)."""
+    shift = lambda w, k: "".join(LETTERS[(LETTERS.find(x) + k) % 26] if x in LETTERS else x for x in w)
+    ops = [("reverse", lambda w: w[::-1]), ("repeat", lambda w: w + w), ("swap", lambda w: w[1] + w[0] + w[2:]),
+           ("upper", str.upper), ("copy", lambda w: w)]
+    for p in range(3):
+        ops += [("delete", lambda w, p=p: w[:p] + w[p + 1:]), ("double", lambda w, p=p: w[:p + 1] + w[p:]),
+                ("first", lambda w, p=p: w[:p + 2])]
+        ops += [("insert", lambda w, p=p, c=c: w[:p] + c + w[p:]) for c in LETTERS]
+    ops += [("shift", lambda w, k=k: shift(w, k)) for k in (1, 2, 3)]
+    heads = list(LETTERS) + [a + b for a in LETTERS for b in LETTERS]
+    return ops + [("prepend", lambda w, h=h: h + w) for h in heads]
+
+
+def test_edit_is_one_hidden_edit_or_two_composed():
+    ops = edit_ops()
+    for _, pairs in instances("edit", n=12):
+        (x0, y0), rest = pairs[0], pairs[1:]
+        fits = lambda f: all(f(x) == y for x, y in rest)
+        found = [a for a, f in ops if f(x0) == y0 and fits(f)]
+        for a, f in ops if not found else []:  # two different edits, one after the other
+            fx0 = f(x0)
+            found += [(a, b) for b, g in ops if b != a and g(fx0) == y0 and fits(lambda x: g(f(x)))]
+            if found:
+                break
+        assert found, pairs[:4]
