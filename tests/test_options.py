@@ -48,3 +48,18 @@ def test_the_validation_sequences_follow_every_option_of_the_training_ones(tmp_p
         same = TrainSampler(tasks, tok.bos_id, 256, mask, cfg.seed + 1, float("inf"), n, shots)
         equal = all(a.shape == b.shape and (a == b).all() for i in range(4) for a, b in zip(val.sequence(0, i), same.sequence(0, i)))
         assert equal == ((shots, mask, n) == ("stratified", "last", 5)), (shots, mask, n)
+
+
+def test_config_file_then_command_line_typed_by_the_dataclass(tmp_path):
+    """Defaults, then a config file's `key = literal` lines, then --key=value or --key value, the
+    later winning; values typed by TrainConfig's fields (booleans as true/false/1/0)."""
+    from configurator import parse_config
+    path = tmp_path / "c.py"
+    path.write_text("lr = 3e-4\nmax_steps = 50\ncompile = True\nout_dir = 'from_file'\n")
+    cfg = parse_config([str(path), "--max_steps=7", "--out_dir", "typed", "--seq_len", "96", "--compile=0"], train.TrainConfig)
+    assert (cfg.lr, cfg.max_steps, cfg.out_dir, cfg.seq_len, cfg.compile) == (3e-4, 7, "typed", 96, False)
+    assert type(cfg.max_steps) is int and type(cfg.lr) is float
+    for text, value in (("1", True), ("true", True), ("True", True), ("0", False), ("false", False)):
+        assert parse_config([f"--compile={text}"], train.TrainConfig).compile is value
+    with pytest.raises(SystemExit, match="bad value 'maybe' for 'compile'"):
+        parse_config(["--compile=maybe"], train.TrainConfig)
