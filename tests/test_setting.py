@@ -39,6 +39,7 @@ def metaicl_folder(root):
                 write_jsonl(f"{root}/{task}/{task}_{n}_{s}_train.jsonl", rows(n))
             write_jsonl(f"{root}/{task}/{task}_16_{s}_dev.jsonl", rows(4))
             write_jsonl(f"{root}/{task}/{task}_16_{s}_test.jsonl", rows(TEST_SIZE[s], f"test{s} "))
+            write_jsonl(f"{root}/{task}/{task}_32_{s}_test.jsonl", rows(3))  # another k's test set: never scored
     write_jsonl(f"{root}/other_task/other_task_16_100_test.jsonl", rows(4))
     setting = os.path.join(root, "setting.json")
     json.dump({"train": list(TRAIN_TASKS), "test": list(TEST_TASKS)}, open(setting, "w"))

@@ -118,3 +118,19 @@ def test_edit_is_one_hidden_edit_or_two_composed():
             if found:
                 break
         assert found, pairs[:4]
+
+
+def test_generic_text_recurs_as_its_docstrings_say():
+    """Plays and rosters: every name (key) always comes back with its own line (value); songs sing
+    a few verses over and over. Recall in the base model is learned from exactly this."""
+    from suite import play, roster, song
+    for i in range(20):
+        rng = np.random.default_rng(i)
+        for make in (play, roster):
+            turns = [t.split("\n") for t in make(rng).split("\n\n")]
+            assert all(len(t) == 2 for t in turns)
+            line_of = {}
+            assert all(line_of.setdefault(name, line) == line for name, line in turns)
+            assert len(line_of) < len(turns) / 2  # names return: 40 turns, at most 11 names
+        lines = song(rng).split("\n")
+        assert len(lines) == 40 and len(set(lines)) <= 6
