@@ -177,6 +177,17 @@ def test_clear_errors(tmp_path, tok):
         inference.load_models(str(out), "cpu", torch.float32)
 
 
+def test_the_newest_complete_checkpoint_is_found(tmp_path):
+    out = str(tmp_path)
+    for step, done in ((2, True), (10, True), (100, True), (300, False)):  # 300: still being written
+        os.makedirs(os.path.join(out, f"ckpt-{step:06d}"))
+        if done:
+            open(os.path.join(out, f"ckpt-{step:06d}", "DONE"), "w").write(str(step))
+    os.makedirs(os.path.join(out, ".tmp-ckpt-000400"))
+    assert checkpoints.find_checkpoints(out) == [os.path.join(out, f"ckpt-{s:06d}") for s in (2, 10, 100)]
+    assert checkpoints.find_checkpoint(out) == os.path.join(out, "ckpt-000100")
+
+
 def test_scratch_base_is_the_untrained_init(tmp_path, tok):
     out, _ = fake_checkpoint(tmp_path, tok)
     base, trained, _, config = inference.load_models(str(out), "cpu", torch.float32)
