@@ -3,7 +3,7 @@ many drawn instances: the dev and held-out scores in RESULTS.md mean these rules
 import numpy as np
 import pytest
 
-from suite import DEV, HELD_IN, HELD_OUT, suite_instance
+from suite import DEV, HELD_IN, HELD_OUT, LETTERS, suite_instance
 
 VOWELS = "aeiou"
 
@@ -87,8 +87,6 @@ def test_every_family_draws_and_answers():
         for options, pairs in instances(family, n=5):
             assert all(isinstance(y, str) and y for _, y in pairs), family
 
-
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def edit_ops():
