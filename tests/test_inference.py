@@ -31,6 +31,20 @@ def test_kv_cache_continuation_equals_full_forward():
     assert (m(tokens[:, 9:], cache=cache) - full[:, 9:]).abs().max() < 1e-5
 
 
+def test_a_cache_fills_the_model_to_max_seq_len_and_no_further(tok):
+    """With a cache, the last position a model may reach is max_seq_len - 1: the token there sees
+    max_seq_len positions, as a full sequence of that length would. One more is refused."""
+    model, n = tiny_model(tok, seed=2, max_seq_len=16), 16
+    ids = torch.randint(3, tok.vocab_size, (1, n + 1))
+    cache = inference.KVCache(model.args, 1, n + 4, "cpu", torch.float32)
+    with torch.no_grad():
+        model(ids[:, : n - 1], cache=cache)
+        assert torch.allclose(model(ids[:, n - 1:n], cache=cache)[0, -1], model(ids[:, :n])[0, -1], atol=1e-5)
+        with pytest.raises(ValueError, match="17 tokens exceeds the model's max_seq_len=16"):
+            model(ids[:, n:], cache=cache)
+
+
+
 @pytest.mark.parametrize("k", [0, 3])
 def test_cached_scores_equal_uncached(tok, k):
     model = random_model(tok)

@@ -195,6 +195,18 @@ def test_k_equal_to_the_pool_is_the_whole_pool(env):
     assert ev.draw_demos(pool, 7, 5, 10_000, 8) == (None, "k=7 is larger than the demonstration pool (6 examples)")
 
 
+def test_k_demonstrations_that_exactly_fill_the_context_are_kept(env):
+    """k shots plus room for the longest query and answer may fill seq_len to the last token; one
+    token fewer and they are refused, with the numbers."""
+    tok = env["tok"]
+    pool = [encode_example(tok, e) for e in eval_rows(6, True, 4)]
+    demos = [pool[i] for i in np.random.default_rng(5).permutation(6)[:3]]
+    length = len(data.pack(demos, 0)[0])
+    assert ev.draw_demos(pool, 3, 5, length + 8, 8) == (demos, None)
+    demos, why = ev.draw_demos(pool, 3, 5, length + 7, 8)
+    assert demos is None and f"take {length} tokens, plus 8" in why and f"seq_len={length + 7}" in why
+
+
 def test_a_file_without_a_split_never_lends_test_rows(env, tmp_path):
     """{task}.jsonl alone would be both demonstration pool and test set: refused. Split files give the
     pool from train and the queries from test, never one for the other."""
