@@ -44,7 +44,6 @@ def test_a_cache_fills_the_model_to_max_seq_len_and_no_further(tok):
             model(ids[:, n:], cache=cache)
 
 
-
 @pytest.mark.parametrize("k", [0, 3])
 def test_cached_scores_equal_uncached(tok, k):
     model = random_model(tok)
@@ -59,6 +58,19 @@ def test_cached_scores_equal_uncached(tok, k):
         got = inference.score_options(model, prefix, segments, batch_tokens=budget)
         assert np.allclose(got, ref, atol=1e-4, rtol=0), (budget, np.abs(np.array(got) - ref).max())
     assert np.std(ref) > 0.1  # the options really score differently
+
+
+def test_one_cache_serves_prefix_after_prefix(tok):
+    """eval.py keeps one cache per model for every k and seed: a new prefix is encoded again, the
+    same one reused; either way the scores are those of a fresh cache."""
+    model = random_model(tok)
+    pool = [encode_example(tok, e) for e in examples(6, options=False, seed=2)]
+    segments = [(pool[5].input_after(3), o) for o in ([5, 9], [7], [4, 4, 4])]
+    cache = inference.new_cache(model, 512)
+    for demos in (pool[:3], pool[1:4], pool[1:4], pool[:3]):
+        prefix = pack(demos, tok.bos_id)[0]
+        got = inference.score_options(model, prefix, segments, cache=cache)
+        assert np.allclose(got, inference.score_options_uncached(model, prefix, segments), atol=1e-4, rtol=0)
 
 
 
