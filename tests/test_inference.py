@@ -104,6 +104,19 @@ def test_cached_generation_equals_naive_greedy(tok):
         assert inference.generate(model, prefix, inputs, stop, eos, 10, batch_tokens=budget) == ref
 
 
+def test_generation_ends_where_the_cache_does(tok):
+    """A cache with room for fewer new tokens than max_new_tokens: each continuation is cut at the
+    cache's end (the same tokens as far as they go), never an error."""
+    model = random_model(tok, seed=1)
+    prefix = pack([encode_example(tok, e) for e in examples(2, options=False, seed=2)], tok.bos_id)[0]
+    inputs = [encode_example(tok, dict(input=x, output="a")).input_after_separator for x in ["the cat", "no"]]
+    free = [naive_generate(model, prefix + x, -1, -1, 12) for x in inputs]  # never stops: 12 tokens each
+    cache = inference.new_cache(model, len(prefix) + len(inputs[0]) + 5)
+    got = inference.generate(model, prefix, inputs, -1, -1, 12, cache=cache)
+    room = [cache.max_len - len(prefix) - len(x) for x in inputs]
+    assert got == [f[:r] for f, r in zip(free, room)] and [len(g) for g in got] == [5, room[1]] and room[1] < 12
+
+
 def test_generation_stops_at_the_closing_newline(tok):
     model = tiny_model(tok)
     q = encode_example(tok, dict(input="what is it", output="ans"))
