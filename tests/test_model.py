@@ -218,6 +218,13 @@ def test_bad_checkpoints_name_key_and_file(tmp_path):
     d = str(tmp_path / "e"); write_hf(m, d, shards=2); os.remove(f"{d}/model-00002-of-00002.safetensors")
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
         load_model(d)
+    # a key in two shards: which copy would win is not for the loader to guess
+    d = str(tmp_path / "f"); write_hf(m, d, shards=2)
+    first, second = (f"{d}/model-0000{i}-of-00002.safetensors" for i in (1, 2))
+    key = next(iter(load_file(first)))
+    save_file({**load_file(second), key: load_file(first)[key]}, second)
+    with pytest.raises(ValueError, match=f"00002.safetensors: key '{key}' appears in more than one weight file"):
+        load_model(d)
 
 
 def test_sliding_window_refuses_longer_sequences():
