@@ -349,3 +349,18 @@ def test_auto_checkpointing_fits_the_budget_or_is_none_on_cpu():
     assert plan not in (["full", "full"], ["none", "none"]) and peak(plan) <= cfg.memory_budget_gib * 2**30
     with pytest.raises(ValueError, match="none, full, selective or auto"):
         checkpointing_mode("ful")
+
+
+def test_training_memory_counts_weights_grads_and_adam_moments():
+    """What a run holds all along: every weight, and for each trainable one its gradient (its own
+    dtype) and AdamW's two fp32 moments (8 bytes a parameter). LoRA trains only the adapters."""
+    from lora import apply_lora
+    from memory import training_memory
+    m = tiny_model()
+    n = sum(p.numel() for p in m.parameters())
+    assert training_memory(m, torch.float32) == (4 * n + (4 * n + 8 * n), dict(
+        dtype_bytes=4, lora_rank=0, lora_targets=(), train_base=True))
+    apply_lora(m, 4, 8.0, targets=("wq", "wv"))
+    r = sum(p.numel() for name, p in m.named_parameters() if ".lora_" in name)
+    assert training_memory(m, torch.bfloat16) == (4 * n + 4 * r + (4 * r + 8 * r), dict(
+        dtype_bytes=2, lora_rank=4, lora_targets=("wq", "wv"), train_base=False))

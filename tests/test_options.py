@@ -63,3 +63,11 @@ def test_config_file_then_command_line_typed_by_the_dataclass(tmp_path):
         assert parse_config([f"--compile={text}"], train.TrainConfig).compile is value
     with pytest.raises(SystemExit, match="bad value 'maybe' for 'compile'"):
         parse_config(["--compile=maybe"], train.TrainConfig)
+
+
+@pytest.mark.parametrize("argv", [["--lr"], ["--lr", "--max_steps=3"]])
+def test_a_key_without_its_value_is_refused(argv, capsys):
+    """`--lr` at the end, or followed by another --key, has no value: an error, never the next flag."""
+    from configurator import parse_config
+    with pytest.raises(SystemExit, match="--lr needs a value: --lr=VALUE or --lr VALUE"):
+        parse_config(argv, train.TrainConfig)
