@@ -58,6 +58,9 @@ def test_config_file_then_command_line_typed_by_the_dataclass(tmp_path):
     path.write_text("lr = 3e-4\nmax_steps = 50\ncompile = True\nout_dir = 'from_file'\n")
     cfg = parse_config([str(path), "--max_steps=7", "--out_dir", "typed", "--seq_len", "96", "--compile=0"], train.TrainConfig)
     assert (cfg.lr, cfg.max_steps, cfg.out_dir, cfg.seq_len, cfg.compile) == (3e-4, 7, "typed", 96, False)
+    path.write_text("lr = 1\nout_dir = 5\n")  # a literal of another type is made the field's
+    cfg = parse_config([str(path)], train.TrainConfig)
+    assert [(v, type(v)) for v in (cfg.lr, cfg.out_dir)] == [(1.0, float), ("5", str)]
     assert type(cfg.max_steps) is int and type(cfg.lr) is float
     for text, value in (("1", True), ("true", True), ("True", True), ("0", False), ("false", False)):
         assert parse_config([f"--compile={text}"], train.TrainConfig).compile is value
