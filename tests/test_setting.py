@@ -60,6 +60,10 @@ def test_setting_files(tmp_path):
     bad.write_text(json.dumps({"train": ["ag_news"]}))
     with pytest.raises(ValueError, match=r'bad.json: needs "test": a non-empty list of task names'):
         metaicl.read_setting(str(bad), "test")
+    for tasks in ([], ["ag_news", 3], ["ag_news", ""], "ag_news"):  # empty, not names, not a list
+        bad.write_text(json.dumps({"train": tasks}))
+        with pytest.raises(ValueError, match=r'bad.json: needs "train": a non-empty list of task names'):
+            metaicl.read_setting(str(bad), "train")
     with pytest.raises(FileNotFoundError, match=r"task 'superglue-rte' of the setting: no .*superglue-rte_\*_42_train.jsonl"):
         metaicl.setting_eval_files(root, setting, (100, 42))
     with pytest.raises(FileNotFoundError, match="cannot read it"):
