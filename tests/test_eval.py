@@ -247,6 +247,20 @@ def test_perplexity_memorised_and_random(tok):
     assert r["windows"] == len(windows) and r["nll"] == pytest.approx(sum(nll) / (20 * len(windows)), rel=1e-5)
 
 
+def test_forgetting_scores_a_text_of_exactly_one_window(tok, tmp_path, capsys):
+    """A text of L-1 tokens is one window of length L (<s> first); one token fewer is skipped with a
+    note, as is a length above the model's max_seq_len."""
+    path = tmp_path / "t.txt"
+    path.write_text("the cat sat on a mat and the dog ran far away")
+    n, model = len(tok.encode(path.read_text())), tiny_model(tok, max_seq_len=64)
+    out = ev.forgetting({"base": model}, tok, str(path), [n + 1, n + 2, 128])
+    assert out[str(n + 1)]["base"] == ev.perplexity(model, tok.encode(path.read_text()), n + 1, tok.bos_id)
+    assert out[str(n + 1)]["base"]["windows"] == 1
+    assert out[str(n + 2)] == dict(skipped=f"{path} has only {n} tokens, fewer than a window of {n + 2}")
+    assert out["128"] == dict(skipped="length 128 is above the model's max_seq_len=64")
+    assert "skipped" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def write_task(folder, name, rows):
