@@ -83,6 +83,12 @@ def test_rouge_l_hand_computed():
         assert ev.lcs_length(a, b) == brute
 
 
+def test_ks_and_seeds_read_in_the_order_given():
+    """--ks and --seeds keep the user's order: the k-sweep table's rows and the seeds' columns."""
+    assert ev.parse_ks("0,1,4,16,max") == [0, 1, 4, 16, "max"] and ev.parse_ks("32,2") == [32, 2]
+    assert ev.parse_ints("100,13,21") == [100, 13, 21]
+
+
 def test_token_f1_and_macro_f1():
     assert ev.token_f1("The cat", "the cat sat") == pytest.approx(0.8)
     assert ev.token_f1("", "") == 1.0 and ev.token_f1("", "a") == 0.0
