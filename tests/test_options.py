@@ -74,3 +74,16 @@ def test_a_key_without_its_value_is_refused(argv, capsys):
     from configurator import parse_config
     with pytest.raises(SystemExit, match="--lr needs a value: --lr=VALUE or --lr VALUE"):
         parse_config(argv, train.TrainConfig)
+
+
+def test_torchrun_splits_only_the_default_batch():
+    """Under torchrun with grad_accum left at its default, the global batch of one process is split
+    over the ranks (the same sequences); a grad_accum the user typed is kept, as is a batch that
+    does not divide."""
+    said = []
+    for typed, world, want in (([], 4, (4, 4)), (["--grad_accum=8"], 4, (16, 8)), (["--batch_size=6"], 4, (6, 1)),
+                               ([], 1, (16, 1))):
+        cfg = train.parse_config(typed, train.TrainConfig)
+        train.split_default_batch(cfg, world, said.append)
+        assert (cfg.batch_size, cfg.grad_accum) == want, typed
+    assert said == ["global batch split over 4 ranks: batch_size=4, grad_accum=4"]
