@@ -82,6 +82,18 @@ def test_feature_label_answers_are_options():
         assert 2 <= len(set(options)) <= 3 and all(y in options for _, y in pairs)
 
 
+
+def test_number_inputs_of_each_split():
+    """Training inputs that are numbers stay below 100; dev and held-out ones run to 999, so most
+    of them are numbers no training sequence showed."""
+    from suite import input_picker
+    rng = np.random.default_rng(0)
+    for split, top in (("train", 100), ("dev", 1000), ("test", 1000)):
+        pick = input_picker(rng, split, ("number",))
+        drawn = [int(pick(rng)) for _ in range(400)]
+        assert 0 <= min(drawn) and max(drawn) < top and max(drawn) >= 0.9 * top, split
+
+
 def test_every_family_draws_and_answers():
     for family in HELD_IN + DEV + HELD_OUT:
         for options, pairs in instances(family, n=5):
