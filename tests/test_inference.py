@@ -73,7 +73,6 @@ def test_one_cache_serves_prefix_after_prefix(tok):
         assert np.allclose(got, inference.score_options_uncached(model, prefix, segments), atol=1e-4, rtol=0)
 
 
-
 def naive_generate(model, prompt, stop_id, eos_id, max_new_tokens):
     out, newlines = [], 0
     seq = list(prompt)

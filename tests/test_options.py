@@ -69,7 +69,7 @@ def test_config_file_then_command_line_typed_by_the_dataclass(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--lr"], ["--lr", "--max_steps=3"]])
-def test_a_key_without_its_value_is_refused(argv, capsys):
+def test_a_key_without_its_value_is_refused(argv):
     """`--lr` at the end, or followed by another --key, has no value: an error, never the next flag."""
     from configurator import parse_config
     with pytest.raises(SystemExit, match="--lr needs a value: --lr=VALUE or --lr VALUE"):

@@ -82,7 +82,6 @@ def test_feature_label_answers_are_options():
         assert 2 <= len(set(options)) <= 3 and all(y in options for _, y in pairs)
 
 
-
 def test_number_inputs_of_each_split():
     """Training inputs that are numbers stay below 100; dev and held-out ones run to 999, so most
     of them are numbers no training sequence showed."""
@@ -98,7 +97,6 @@ def test_every_family_draws_and_answers():
     for family in HELD_IN + DEV + HELD_OUT:
         for options, pairs in instances(family, n=5):
             assert all(isinstance(y, str) and y for _, y in pairs), family
-
 
 
 def edit_ops():
