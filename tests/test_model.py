@@ -264,6 +264,10 @@ def test_activation_checkpointing_same_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     for g in grads[1:]:
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], g))
+    m.activation_checkpointing = True  # the booleans name the schemes: False none, True full
+    assert m.checkpointing_plan() == ["full"] * ARGS.n_layers
+    m.activation_checkpointing = [False, True]
+    assert m.checkpointing_plan() == ["none", "full"]
     m.activation_checkpointing = ["full"]  # one name short
     with pytest.raises(ValueError, match="one per layer"):
         m(tokens, targets)

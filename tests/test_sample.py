@@ -106,6 +106,12 @@ def test_prefix_cache_round_trip(tmp_path, tok, capsys, monkeypatch):
     # made for other demonstrations, another model: refused, naming the file
     with pytest.raises(ValueError, match=f"{cache}: a prefix cache made for other demonstrations"):
         sample_script()["main"](common + ["--cache", cache, "--k", "2"])
+    # as many tokens as the cached prefix, one of them different: refused too, not reused
+    _, model, _, config = inference.load_models(str(out), "cpu", torch.float32, base=False)
+    changed = list(prefix)
+    changed[-2] = next(t for t in range(3, tok.vocab_size) if t != prefix[-2])
+    with pytest.raises(ValueError, match=f"{cache}: a prefix cache made for other demonstrations .*, and differ"):
+        inference.load_prefix(inference.new_cache(model, 200), cache, inference.identity(model, tok, config), changed)
     other = tmp_path / "other"
     os.makedirs(other)
     shutil.copytree(out / "ckpt-000002", other / "ckpt-000002")
