@@ -106,3 +106,22 @@ def test_a_suite_that_lists_no_files_is_moved_aside(tmp_path, monkeypatch):
     suite.ensure_suite(str(out))
     assert (tmp_path / "suite-v6" / "eval" / "mine" / "train.jsonl").is_file()
     assert (out / "DONE").read_text().split()[0] == suite.SUITE_VERSION
+
+
+def test_a_base_given_by_a_relative_path_is_found_from_another_folder(tmp_path, monkeypatch):
+    """train.py --init=mybase, run in the folder holding mybase; then eval's base, loaded from
+    another folder, is mybase itself (the checkpoint records where it was, not only as typed)."""
+    import torch
+    import train
+    from inference import load_models
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(os.path.join(ROOT, "assets", "base-nano"), work / "mybase")
+    monkeypatch.chdir(work)
+    train.main(["--init=mybase", "--max_steps=1", "--seq_len=64", "--batch_size=2", "--eval_data=", "--out_dir=out"])
+    monkeypatch.chdir(elsewhere)
+    base, trained, _, config = load_models(str(work / "out"), "cpu", torch.float32)
+    assert config["init"] == "mybase"
+    from checkpoints import load_model
+    mine = load_model(str(work / "mybase"))
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), mine.state_dict().values()))

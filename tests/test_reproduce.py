@@ -58,3 +58,36 @@ def test_logged_tokens(reproduce, tmp_path):
 def test_by_family_averages_a_familys_instances(reproduce):
     score = {"test_table_0": 1.0, "test_table_1": 0.5, "suffix_0": 0.0, "suffix_1": 0.25, "suffix_2": 0.5}
     assert reproduce.by_family(list(score), score.get) == {"suffix": 0.25, "test_table": 0.75}
+
+
+def test_recall_scores_a_repeated_keys_first_answer_token(reproduce, monkeypatch, capsys):
+    """`--recall` (the base's recall table in RESULTS.md): top-1 on the first answer token after a
+    key seen before in the sequence, and only there. Scored here on a model that knows the layout:
+    it names a repeated key's answer, never a new key's, and never the newline; so exactly 1.00 for
+    every kind of key (0.50 if new keys counted, 0.00 if the opening newline were the target)."""
+    import torch
+    import checkpoints
+    import data
+    base = os.path.join(ROOT, "assets", "base-nano")
+    nl = data.Tokenizer(os.path.join(base, "tokenizer.model")).newline_id
+
+    class Oracle(torch.nn.Module):
+        def forward(self, tokens):
+            t = tokens[0].tolist()
+            pred = [0 if nxt == nl else nxt for nxt in t[1:]] + [0]
+            seen, key_start = set(), 1  # <s> key ⏎ answer ⏎ ⏎⏎ key ⏎ answer ⏎ ...
+            for i in range(1, len(t) - 1):
+                if key_start is not None and t[i] == nl:  # the answer's opening newline
+                    key = tuple(t[key_start + (key_start == 1):i])  # the first has sentencepiece's '▁' before it
+                    pred[i] = t[i + 1] if key in seen else 0
+                    seen.add(key)
+                    key_start = None
+                elif t[i] == nl and t[i - 1] == nl and t[i + 1] != nl:  # the separator ends: a key begins
+                    key_start = i + 1
+            return torch.nn.functional.one_hot(torch.tensor(pred), 512).float()[None]
+
+    monkeypatch.setattr(checkpoints, "load_model", lambda path: Oracle())
+    reproduce.recall([base], n_seq=2)
+    line = capsys.readouterr().out.strip()
+    assert line == (f"{base}: recall top-1 by key kind: nonce 1.00, english 1.00, held-out english 1.00, "
+                    "number 1.00, held-out phrase 1.00")
