@@ -108,7 +108,7 @@ def test_a_suite_that_lists_no_files_is_moved_aside(tmp_path, monkeypatch):
     assert (out / "DONE").read_text().split()[0] == suite.SUITE_VERSION
 
 
-def test_a_base_given_by_a_relative_path_is_found_from_another_folder(tmp_path, monkeypatch):
+def test_train_and_eval_from_other_folders(tmp_path, monkeypatch):
     """train.py --init=mybase, run in the folder holding mybase; then eval's base, loaded from
     another folder, is mybase itself (the checkpoint records where it was, not only as typed)."""
     import torch
@@ -125,3 +125,7 @@ def test_a_base_given_by_a_relative_path_is_found_from_another_folder(tmp_path, 
     from checkpoints import load_model
     mine = load_model(str(work / "mybase"))
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), mine.state_dict().values()))
+    # and train.py run from that other folder with its defaults: the base and the dev families of
+    # the validation loss are this repository's, wherever it is run from
+    train.main(["--max_steps=1", "--seq_len=64", "--batch_size=2", "--eval_interval=1", "--eval_sequences=2", "--out_dir=out"])
+    assert "val_loss" in json.loads(open(elsewhere / "out" / "log.jsonl").readline())
