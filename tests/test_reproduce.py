@@ -48,6 +48,12 @@ def test_margin_in_units_of_spread(reproduce):
     assert reproduce.margin([0.5], [0.5])[0] == 0
 
 
+def test_mean_spread_is_the_population_std(reproduce):
+    """RESULTS.md's "mean ± std over the 3 training seeds": numpy's std (ddof=0) of the seeds' values."""
+    assert reproduce.mean_spread([0.5, 0.6, 0.7]) == "0.600 ± 0.082"
+    assert reproduce.mean_spread([0.25, None]) == "0.250 ± 0.000" and reproduce.mean_spread([None]) == "–"
+
+
 def test_logged_tokens(reproduce, tmp_path):
     with open(tmp_path / "log.jsonl", "w") as f:
         for tokens, targets, ms in ((8000, 3000, 250.0), (7990, 2900, 500.0)):

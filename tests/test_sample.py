@@ -33,6 +33,18 @@ def test_bad_sampling_values_are_refused(tmp_path, capsys, flag, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_k_demonstrations_leave_a_token_for_the_query(tok):
+    """--k=K takes the first K demonstrations, and the context must still hold a query after them:
+    K that fill seq_len exactly are refused by name, as K that overflow it are."""
+    choose = sample_script()["choose_demos"]
+    pool = [encode_example(tok, e) for e in examples(4, options=False, seed=3)]
+    packed = len(pack(pool[:2], tok.bos_id)[0])
+    assert choose(iter(pool), 2, packed + 1, 1) == pool[:2]
+    for seq_len in (packed, packed - 1):
+        with pytest.raises(ValueError, match=f"k=2 demonstrations do not fit in seq_len={seq_len}"):
+            choose(iter(pool), 2, seq_len, 1)
+
+
 def task_files(tmp_path, tok):
     """A fake checkpoint, demonstrations, and queries: free-form ones and ones with options."""
     out, ckpt = fake_checkpoint(tmp_path, tok)

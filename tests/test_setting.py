@@ -68,6 +68,9 @@ def test_setting_files(tmp_path):
         metaicl.setting_eval_files(root, setting, (100, 42))
     with pytest.raises(FileNotFoundError, match="cannot read it"):
         metaicl.read_setting(str(tmp_path / "none.json"), "train")
+    # a task named twice is one task, in the order first named (its file read once, not merged with itself)
+    bad.write_text(json.dumps({"train": ["glue-sst2", "ag_news", "glue-sst2"]}))
+    assert metaicl.read_setting(str(bad), "train") == ["glue-sst2", "ag_news"]
 
 
 def test_train_on_a_setting(tmp_path, tok):
