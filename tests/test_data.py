@@ -153,6 +153,15 @@ def test_bad_task_files_name_file_and_line(tmp_path, content, message):
         load_tasks(write(tmp_path / "bad.jsonl", content))
 
 
+def test_blank_lines_are_skipped_not_the_end(tmp_path):
+    """A blank line (an editor's, or between blocks) is passed over; the examples after it count,
+    and an error after it still names its own line."""
+    rows = '{"input": "a", "output": "b"}\n\n  \n{"input": "c", "output": "d"}\n'
+    assert [ex["input"] for ex in load_tasks(write(tmp_path / "gaps.jsonl", rows))["gaps"]] == ["a", "c"]
+    with pytest.raises(ValueError, match=r"late.jsonl:3: missing 'output'"):
+        load_tasks(write(tmp_path / "late.jsonl", '{"input": "a", "output": "b"}\n\n{"input": "c"}\n'))
+
+
 def test_missing_paths_and_duplicate_tasks(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         load_tasks(str(tmp_path / "nowhere.jsonl"))
