@@ -113,6 +113,7 @@ def test_train_and_eval_from_other_folders(tmp_path, monkeypatch):
     another folder, is mybase itself (the checkpoint records where it was, not only as typed)."""
     import torch
     import train
+    from checkpoints import load_model
     from inference import load_models
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -120,9 +121,8 @@ def test_train_and_eval_from_other_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     train.main(["--init=mybase", "--max_steps=1", "--seq_len=64", "--batch_size=2", "--eval_data=", "--out_dir=out"])
     monkeypatch.chdir(elsewhere)
-    base, trained, _, config = load_models(str(work / "out"), "cpu", torch.float32)
+    base, _, _, config = load_models(str(work / "out"), "cpu", torch.float32)
     assert config["init"] == "mybase"
-    from checkpoints import load_model
     mine = load_model(str(work / "mybase"))
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), mine.state_dict().values()))
     # and train.py run from that other folder with its defaults: the base and the dev families of

@@ -1,4 +1,5 @@
 """train.py end to end, as users run it: subprocesses, 2-process gloo DDP, resume, signals."""
+import dataclasses
 import json
 import os
 import signal
@@ -145,7 +146,7 @@ def test_lora_on_pretrained_checkpoint_trains_only_adapter(suite, tmp_path):
     p = run(common(suite, str(tmp_path / "long"), init=base_dir, lora_rank=4, seq_len=1024), check=False)
     assert "seq_len=1024 exceeds the model's max_seq_len=512" in p.stderr
     small = str(tmp_path / "small")  # a tokenizer with more pieces than the model has embeddings
-    save_model(Transformer(ModelArgs(**{**args.__dict__, "vocab_size": 100})).init_weights(3), small)
+    save_model(Transformer(dataclasses.replace(args, vocab_size=100)).init_weights(3), small)
     p = run(common(suite, str(tmp_path / "small-out"), init=small), check=False)
     assert p.returncode != 0 and "tokenizer.model has 333 pieces, the model only 100" in p.stderr
 
