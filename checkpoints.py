@@ -367,7 +367,7 @@ def write_checkpoint(out_dir, step, model, optimizer, tokenizer_path, config):
     folder and renamed into place, so a kill never leaves a checkpoint that looks complete. A full
     disk removes the partial folder and says so; the checkpoints before it stay."""
     final, tmp = os.path.join(out_dir, f"ckpt-{step:06d}"), os.path.join(out_dir, f".tmp-ckpt-{step:06d}")
-    if os.path.isdir(final):
+    if os.path.isdir(final):  # renamed into place only when complete: keep it
         return final
     shutil.rmtree(tmp, ignore_errors=True)
     try:

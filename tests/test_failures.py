@@ -74,3 +74,26 @@ def test_full_disk_or_kill_while_writing_a_checkpoint(suite, straight, tmp_path,
     assert losses(out) == pytest.approx(losses(straight), abs=1e-6)
     assert_same_weights(final_weights(straight), final_weights(out), atol=1e-6)
     assert sorted(os.listdir(out)) == ["ckpt-000002", "ckpt-000004", "ckpt-000006", "log.jsonl"]
+
+
+def test_a_checkpoint_already_written_is_kept(tmp_path):
+    """ckpt-{step} exists only once renamed into place, complete: writing the same step again keeps
+    it as it is (no error from renaming onto a full folder, no second copy, no .tmp- folder left)."""
+    import torch
+    from safetensors.torch import load_file
+    from checkpoints import write_checkpoint
+    from model import ModelArgs, Transformer
+    tokenizer = os.path.join(ROOT, "assets", "base-nano", "tokenizer.model")
+    args = ModelArgs(dim=16, n_layers=1, head_dim=8, hidden_dim=32, n_heads=2, n_kv_heads=1, norm_eps=1e-5,
+                     vocab_size=400, rope_theta=1e4)
+    first, second = (Transformer(args).eval() for _ in range(2))
+    with torch.no_grad():
+        second.tok_embeddings.weight.add_(1.0)  # different weights, same step
+    opt = torch.optim.AdamW(first.parameters())
+    out = str(tmp_path)
+    path = write_checkpoint(out, 4, first, opt, tokenizer, {"note": "first"})
+    assert write_checkpoint(out, 4, second, opt, tokenizer, {"note": "second"}) == path
+    assert sorted(os.listdir(out)) == ["ckpt-000004"]
+    assert json.load(open(os.path.join(path, "config.json")))["note"] == "first"
+    assert torch.equal(load_file(os.path.join(path, "consolidated.safetensors"))["tok_embeddings.weight"],
+                       first.tok_embeddings.weight)
