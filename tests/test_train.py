@@ -231,6 +231,12 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(suite, tmp_path
     assert "warning: " + newest in p.stdout and "resuming from " + os.path.join(out, "ckpt-000001") + " at step 1" in p.stdout
     assert sorted(os.listdir(out)) == ["ckpt-000002", "ckpt-000003", "log.jsonl", "unreadable-ckpt-000002"]
     assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3]  # step 2 ran twice, logged once
+    for _ in range(2):  # the same step broken twice: the second broken copy replaces the first
+        open(os.path.join(out, "ckpt-000003", "state.pt"), "w").write("not a zip")
+        p = run(common(suite, out, max_steps=3, ckpt_interval=1, eval_interval=100))
+        assert "resuming from " + os.path.join(out, "ckpt-000002") + " at step 2" in p.stdout
+    assert sorted(os.listdir(out)) == ["ckpt-000002", "ckpt-000003", "log.jsonl", "unreadable-ckpt-000002",
+                                       "unreadable-ckpt-000003"]
     for ckpt in ("ckpt-000002", "ckpt-000003"):  # none readable: one clear error naming the file
         open(os.path.join(out, ckpt, "state.pt"), "w").write("not a zip")
     p = run(common(suite, out, max_steps=4), check=False)
