@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import export_peft, load_model, model_args
+from checkpoints import export_peft, load_model, model_args, tokenizer_file
 from lora import apply_lora, load_lora
 from model import ModelArgs, Transformer
 from test_model import rotate_half_permute, write_hf, write_native
@@ -110,3 +110,16 @@ def test_downloaded_folder_train_eval_sample(tmp_path, layout):
         assert torch.allclose(hf_w + update, rotate_half_permute(merged, heads), atol=1e-5)
     assert torch.equal(hf["model.layers.1.self_attn.q_proj.weight"],
                        rotate_half_permute(original.layers[1].attention.wq.weight, ARGS.n_heads))
+
+
+def test_tokenizer_file_prefers_mistrals_v3_name(tmp_path):
+    """Mistral's folders may hold tokenizer.model.v3 beside a tokenizer.model: the .v3 is read."""
+    d = str(tmp_path)
+    shutil.copy(TOKENIZER, f"{d}/tokenizer.model.v3")
+    open(f"{d}/tokenizer.model", "w").write("another tokenizer")
+    assert tokenizer_file(d) == f"{d}/tokenizer.model.v3"
+    os.remove(f"{d}/tokenizer.model.v3")
+    assert tokenizer_file(d) == f"{d}/tokenizer.model"
+    os.remove(f"{d}/tokenizer.model")
+    with pytest.raises(FileNotFoundError, match=f"{d}: no tokenizer.model.v3 or tokenizer.model"):
+        tokenizer_file(d)
