@@ -225,6 +225,11 @@ def test_bad_checkpoints_name_key_and_file(tmp_path):
     save_file({**load_file(second), key: load_file(first)[key]}, second)
     with pytest.raises(ValueError, match=f"00002.safetensors: key '{key}' appears in more than one weight file"):
         load_model(d)
+    # tied input and output embeddings (a Gemma- or small-Llama-shaped config): not Mistral's shape
+    d = str(tmp_path / "g"); write_hf(m, d)
+    cfg = json.load(open(f"{d}/config.json")); cfg["tie_word_embeddings"] = True; json.dump(cfg, open(f"{d}/config.json", "w"))
+    with pytest.raises(ValueError, match="config.json: tie_word_embeddings=true"):
+        load_model(d)
 
 
 def test_sliding_window_refuses_longer_sequences():
