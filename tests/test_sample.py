@@ -132,6 +132,23 @@ def test_prefix_cache_round_trip(tmp_path, tok, capsys, monkeypatch):
         sample_script()["main"](common + ["--cache", cache, "--ckpt", str(other)])
 
 
+def test_a_query_too_long_is_named_and_the_next_answered(tmp_path, tok, capsys):
+    """A query that does not fit in the room the demonstrations leave: an error line for it, and the
+    queries after it are answered as they would be alone."""
+    out, ckpt, demos, d = task_files(tmp_path, tok)
+    common = ["--ckpt", str(out), "--demos", f"{d}/train.jsonl", "--max_new_tokens", "6", "--device", "cpu",
+              "--seq_len", "200", "--room", "40"]
+    alone = answers(capsys, common + ["--queries", f"{d}/free.jsonl"])
+    rows = [json.loads(l) for l in open(f"{d}/free.jsonl")]
+    long = dict(input="a long query " * 20, output="")
+    with open(tmp_path / "mixed.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in [rows[0], long, rows[1]])
+    sample_script()["main"](common + ["--queries", str(tmp_path / "mixed.jsonl")])
+    got = capsys.readouterr()
+    assert [line.split("\t") for line in got.out.split("\n")[:-1]] == [alone[0], [long["input"], ""], alone[1]]
+    assert got.err.count("error: ") == 1
+
+
 def test_sample_with_a_lora_adapter_on_an_hf_layout_base(tmp_path, tok, capsys):
     from lora import apply_lora, save_lora
     from test_model import write_hf
