@@ -338,3 +338,18 @@ def test_bad_eval_inputs_are_named_before_any_scoring(tmp_path, tok, capsys):
     save_model(Transformer(small).init_weights(0), str(ckpt))
     with pytest.raises(ValueError, match=f"{ckpt}/tokenizer.model: {tok.vocab_size} tokens, the model has only {tok.vocab_size - 10}"):
         inference.load_models(str(out), "cpu", torch.float32, base=False)
+
+
+def test_a_query_that_fits_only_with_no_demonstrations_is_left_out(tok, capsys):
+    """After demonstrations a query's input follows the separator, a token or more longer than
+    after <s>: a query that fills seq_len at k=0 cannot be scored at k>=1, and is left out with a note."""
+    rows = examples(3, options=False, seed=4)
+    queries = [encode_example(tok, ex) for ex in rows]
+    assert all(ev.answer_room([q], 1) > ev.answer_room([q], 0) for q in queries)
+    longest = max(queries, key=lambda q: ev.answer_room([q], 1))
+    seq_len = 1 + ev.answer_room([longest], 0)
+    kept = [q for q in queries if 1 + ev.answer_room([q], 1) <= seq_len]
+    assert 0 < len(kept) < len(queries)
+    _, fits = ev.encode_eval_task("t", examples(6, options=False, seed=5), rows, tok, seq_len)
+    assert [q for _, q in fits] == kept
+    assert f"note: task 't': {len(queries) - len(kept)} test queries longer than seq_len={seq_len} left out" in capsys.readouterr().out
