@@ -44,6 +44,17 @@ def test_a_cache_fills_the_model_to_max_seq_len_and_no_further(tok):
             model(ids[:, n:], cache=cache)
 
 
+def test_a_prefix_must_leave_a_token_of_room(tok):
+    """A prefix is encoded to be followed by a query: one that fills the cache is refused by name,
+    one a token shorter is encoded."""
+    model = tiny_model(tok, seed=2)
+    prefix = list(np.random.default_rng(0).integers(3, tok.vocab_size, 12))
+    with torch.no_grad():
+        inference.prefill(model, inference.new_cache(model, 13), prefix)
+        with pytest.raises(ValueError, match="prefix of 12 tokens leaves no room in a cache of 12"):
+            inference.prefill(model, inference.new_cache(model, 12), prefix)
+
+
 @pytest.mark.parametrize("k", [0, 3])
 def test_cached_scores_equal_uncached(tok, k):
     model = random_model(tok)
