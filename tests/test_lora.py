@@ -78,6 +78,18 @@ def test_only_some_targets():
         apply_lora(tiny_model(), rank=4, alpha=8, targets=("wq", "wx"))
 
 
+def test_what_apply_lora_refuses():
+    """No targets; a model that already has adapters (a second set would wrap the first); a
+    Linear with a bias (Mistral has none, and the update would not cover it)."""
+    with pytest.raises(ValueError, match=r"LoRA targets \(\): choose one or more of"):
+        apply_lora(tiny_model(), rank=4, alpha=8, targets=())
+    model = apply_lora(tiny_model(), rank=4, alpha=8)
+    with pytest.raises(ValueError, match="apply_lora: the model already has LoRA adapters"):
+        apply_lora(model, rank=4, alpha=8)
+    with pytest.raises(ValueError, match="LoRALinear expects a bias-free nn.Linear"):
+        LoRALinear(nn.Linear(8, 8, bias=True), rank=2, alpha=4)
+
+
 def test_merge_equals_unmerged_and_is_a_plain_transformer(tmp_path):
     model = lora_model()
     expected = model(TOKENS)
