@@ -322,9 +322,10 @@ def test_main_end_to_end(tmp_path, tok, capsys):
 
 
 def test_bad_eval_inputs_are_named_before_any_scoring(tmp_path, tok, capsys):
-    """A task whose test rows mix option and free-form answers; a --ppl_file that is not there
-    (refused before the k sweep, not after it); a checkpoint whose tokenizer has more pieces than
-    the model has embeddings. Each is a message naming the task or the file."""
+    """A task whose test rows mix option and free-form answers; a --ppl_file that is not there and
+    a --seq_len past the model's max_seq_len (refused before the k sweep, not after it); a checkpoint
+    whose tokenizer has more pieces than the model has embeddings. Each is a message naming the
+    task, the file or the setting."""
     rows = examples(4, options=True) + examples(4, options=False, seed=1)
     with pytest.raises(ValueError, match="task 'mixed': some test examples have options and some do not"):
         ev.encode_eval_task("mixed", examples(6, options=True, seed=2), rows, tok, 256)
@@ -333,6 +334,9 @@ def test_bad_eval_inputs_are_named_before_any_scoring(tmp_path, tok, capsys):
     missing = str(tmp_path / "no_book.txt")
     with pytest.raises(FileNotFoundError, match=f"{missing}: no such text file for --ppl_file"):
         ev.main(["--ckpt", str(out), "--ks", "0", "--seeds", "1", "--ppl_file", missing, "--device", "cpu"])
+    assert "evaluating" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="seq_len=1024 is above the model's max_seq_len=512"):
+        ev.main(["--ckpt", str(out), "--ks", "0", "--seeds", "1", "--seq_len", "1024", "--device", "cpu"])
     assert "evaluating" not in capsys.readouterr().out
     small = ModelArgs(**{**tiny_model(tok).args.__dict__, "vocab_size": tok.vocab_size - 10})
     save_model(Transformer(small).init_weights(0), str(ckpt))
