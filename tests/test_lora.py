@@ -268,3 +268,15 @@ def test_fused_lora_matches_plain(targets):
         assert abs(lb - l0) < 2e-2 * l0 and max(rel(gb[k], g0[k]) for k in g0) < 0.1
     if targets == ALL_TARGETS:  # the shared A's: 2 fewer matmuls for wq/wk/wv, 1 fewer for w1/w3, per block
         assert matmuls(lora_model()) - matmuls(lora_model(fused=True)) == 3 * ARGS.n_layers
+
+
+def test_fused_with_dropout_takes_the_plain_path():
+    """The fused path has no dropout: with dropout on, fused=True must fall back to the plain path,
+    the same outputs under the same random state (and dropout does act: another state differs)."""
+    outs = {}
+    for fused, seed in ((False, 0), (True, 0), (True, 1)):
+        model = lora_model(dropout=0.5, fused=fused).train()
+        torch.manual_seed(seed)
+        outs[fused, seed] = model(TOKENS)
+    assert torch.equal(outs[False, 0], outs[True, 0])
+    assert not torch.allclose(outs[True, 0], outs[True, 1])
