@@ -239,6 +239,8 @@ def test_bf16_base_with_fp32_lora(tmp_path):
     # mistral-inference's load_lora wants the adapter in the model's dtype
     save_lora(model, str(tmp_path / "lora.safetensors"), dtype=torch.bfloat16)
     assert {v.dtype for v in load_file(str(tmp_path / "lora.safetensors")).values()} == {torch.bfloat16}
+    merge_lora(model)  # folded in fp32, rounded once: the merged model is bf16 again, as its base was
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def matmuls(model):
