@@ -43,6 +43,25 @@ def test_k_demonstrations_leave_a_token_for_the_query(tok):
     for seq_len in (packed, packed - 1):
         with pytest.raises(ValueError, match=f"k=2 demonstrations do not fit in seq_len={seq_len}"):
             choose(iter(pool), 2, seq_len, 1)
+    with pytest.raises(ValueError, match="k=5: there are only 4 demonstrations"):
+        choose(iter(pool), 5, 10_000, 1)
+    three = len(pack(pool[:3], tok.bos_id)[0])  # k=max leaves `room` tokens free: here the third's length
+    assert choose(iter(pool), "max", three, three - packed) == pool[:2]
+    assert choose(iter(pool), "max", three + 1, 1) == pool[:3]
+
+
+def test_query_files_are_read_line_by_line(tmp_path):
+    """Blank lines are passed over; a line that is not an object with an input string and a list of
+    string options is refused, naming the file and the line."""
+    read = sample_script()["read_queries"]
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"input": "a"}\n\n{"input": "b", "options": ["x", "y"]}\n')
+    a = lambda: type("Args", (), dict(prompt=None, queries=str(path)))
+    assert list(read(a())) == [{"input": "a"}, {"input": "b", "options": ["x", "y"]}]
+    for bad in ('{"input": "c", "options": [1, 2]}', '{"options": ["x"]}', '["c"]', "not json"):
+        path.write_text('{"input": "a"}\n\n' + bad + "\n")
+        with pytest.raises(ValueError, match=f"{path}:3: expected a JSON object with an 'input' string"):
+            list(read(a()))
 
 
 def task_files(tmp_path, tok):
