@@ -44,15 +44,33 @@ def test_a_cache_fills_the_model_to_max_seq_len_and_no_further(tok):
             model(ids[:, n:], cache=cache)
 
 
+def test_prefill_of_short_prefixes_and_batches_filled_to_the_budget(tok):
+    """prefill's logits after a prefix of 1, 2 or 5 tokens are a plain forward's last ones; and
+    batches() packs consecutive segments up to the token budget exactly (a bigger one goes alone)."""
+    model = tiny_model(tok, seed=2)
+    ids = list(np.random.default_rng(1).integers(3, tok.vocab_size, 5))
+    with torch.no_grad():
+        for n in (1, 2, 5):
+            got = inference.prefill(model, inference.new_cache(model, 16), ids[:n])
+            torch.testing.assert_close(got, model(torch.tensor(ids[:n])[None])[0, -1], atol=1e-5, rtol=1e-5)
+    assert list(inference.batches([2, 2, 3, 9, 1], 4)) == [[0, 1], [2], [3], [4]]
+
+
 def test_a_prefix_must_leave_a_token_of_room(tok):
     """A prefix is encoded to be followed by a query: one that fills the cache is refused by name,
-    one a token shorter is encoded."""
+    one a token shorter is encoded. After it, a segment or an input that does not fit is refused."""
     model = tiny_model(tok, seed=2)
     prefix = list(np.random.default_rng(0).integers(3, tok.vocab_size, 12))
     with torch.no_grad():
         inference.prefill(model, inference.new_cache(model, 13), prefix)
         with pytest.raises(ValueError, match="prefix of 12 tokens leaves no room in a cache of 12"):
             inference.prefill(model, inference.new_cache(model, 12), prefix)
+        # and after a prefix, a segment to score or an input to continue must fit in what is left
+        cache = inference.new_cache(model, 16)
+        with pytest.raises(ValueError, match="a segment of 5 tokens does not fit after a prefix of 12 \\(cache of 16\\)"):
+            inference.score_options(model, prefix, [([5, 6], [7, 8, 9])], cache=cache)
+        with pytest.raises(ValueError, match="an input of 4 tokens leaves no room after a prefix of 12 \\(cache of 16\\)"):
+            inference.generate(model, prefix, [[5, 6, 7, 8]], tok.newline_id, tok.eos_id, cache=cache)
 
 
 @pytest.mark.parametrize("k", [0, 3])
