@@ -111,6 +111,18 @@ def test_sample_answers_equal_evals(tmp_path, tok, capsys, monkeypatch):
         losses = inference.score_options_uncached(model, prefix, [(q.input_after_separator, o) for o in q.options],
                                                   reduction="sum")
         assert inp == ex["input"] and got == ex["options"][int(np.argmin(losses))]
+    # --reduction=mean: per token, where a long option can win (options of very different lengths)
+    rows = [dict(input=ex["input"], options=["yes", "yes no " * 6 + "yes"]) for ex in examples(6, options=True, seed=10)]
+    with open(f"{d}/long.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    by_rule = {rule: answers(capsys, common + ["--queries", f"{d}/long.jsonl", "--reduction", rule]) for rule in ("sum", "mean")}
+    for rule, got in by_rule.items():
+        for (_, answer), row in zip(got, rows):
+            q = encode_example(tok, dict(row, output=row["options"][0]))
+            losses = inference.score_options_uncached(model, prefix, [(q.input_after_separator, o) for o in q.options],
+                                                      reduction=rule)
+            assert answer == row["options"][int(np.argmin(losses))]
+    assert by_rule["sum"] != by_rule["mean"]  # the two rules disagree here, so each is tested
     # --prompt, and inputs from stdin
     assert answers(capsys, common + ["--prompt", free[1][0]]) == [free[1]]
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO(free[2][0] + "\n" + free[0][0] + "\n"))
