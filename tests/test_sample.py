@@ -155,6 +155,12 @@ def test_prefix_cache_round_trip(tmp_path, tok, capsys, monkeypatch):
     changed[-2] = next(t for t in range(3, tok.vocab_size) if t != prefix[-2])
     with pytest.raises(ValueError, match=f"{cache}: a prefix cache made for other demonstrations .*, and differ"):
         inference.load_prefix(inference.new_cache(model, 200), cache, inference.identity(model, tok, config), changed)
+    same_but_bf16 = dict(inference.identity(model, tok, config), dtype=str(torch.bfloat16))
+    with pytest.raises(ValueError, match=f"{cache}: a prefix cache made for another dtype"):
+        inference.load_prefix(inference.new_cache(model, 200), cache, same_but_bf16, prefix)
+    # a context past the model's max_seq_len (512 here) is refused before anything is encoded
+    with pytest.raises(ValueError, match="sequence of 1024 tokens exceeds the model's max_seq_len=512"):
+        sample_script()["main"](common + ["--seq_len", "1024"])
     other = tmp_path / "other"
     os.makedirs(other)
     shutil.copytree(out / "ckpt-000002", other / "ckpt-000002")
