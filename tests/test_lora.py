@@ -225,6 +225,13 @@ def test_file_without_metadata_like_mistral_finetune(tmp_path):
         load_lora(apply_lora(tiny_model(), rank=2, alpha=4), path)
     with pytest.raises(ValueError, match="targets is"):
         load_lora(apply_lora(tiny_model(), rank=4, alpha=8, targets=("wq",)), path)
+    # adapters of two ranks in one file: named as such, whichever rank the model has
+    mixed = {k: v for k, v in lora_state_dict(model).items()}
+    mixed.update({k: v for k, v in lora_state_dict(lora_model(rank=2, alpha=4)).items() if ".w2." in k})
+    save_file(mixed, path)
+    for rank in (2, 4):
+        with pytest.raises(ValueError, match=rf"rank is \[2, 4\] in the file but {rank}"):
+            load_lora(apply_lora(tiny_model(), rank=rank, alpha=2 * rank), path)
 
 
 def test_bf16_base_with_fp32_lora(tmp_path):
