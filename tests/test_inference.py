@@ -169,12 +169,15 @@ def test_sum_reduction_is_the_answer_spans_log_probability(tok):
 
 
 def test_whole_prompt_as_prefix_with_an_empty_input(tok):
-    """The issue's crash: a whole prompt as the shared prefix and an empty query."""
+    """A whole prompt as the shared prefix and an empty query: continued from the prefix's own last
+    logits, alone or after a non-empty query in the same row."""
     model = random_model(tok, seed=2)
     prompt = pack([encode_example(tok, e) for e in examples(2, options=False, seed=3)], tok.bos_id)[0]
     prompt += encode_example(tok, dict(input="the cat", output="a")).input_after_separator
     got = inference.generate(model, prompt, [[]], -1, -1, 6)[0]
     assert got == naive_generate(model, prompt, -1, -1, 6) and len(got) == 6
+    other = [5, 6, 7]
+    assert inference.generate(model, prompt, [other, []], -1, -1, 6) == [naive_generate(model, prompt + other, -1, -1, 6), got]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
