@@ -56,6 +56,25 @@ def test_prefill_of_short_prefixes_and_batches_filled_to_the_budget(tok):
     assert list(inference.batches([2, 2, 3, 9, 1], 4)) == [[0, 1], [2], [3], [4]]
 
 
+def test_a_prefill_cut_short_leaves_no_prefix_behind(tok):
+    """A cache whose prefill of another prefix stopped partway (an error, a Ctrl-C in a notebook)
+    holds some of that prefix's keys: it must not pass for the old prefix, which is encoded again."""
+    model = tiny_model(tok, seed=2)
+    rng = np.random.default_rng(3)
+    a, b = (list(rng.integers(3, tok.vocab_size, 10)) for _ in range(2))
+    segment = [([5, 6], [7, 8, 9])]
+    fresh = inference.score_options(model, a, segment, cache=inference.new_cache(model, 32))
+    cache = inference.new_cache(model, 32)
+    inference.prefill(model, cache, a)
+    def stop(*_):
+        raise KeyboardInterrupt
+    hook = model.layers[1].register_forward_pre_hook(stop)  # layer 0 has written b's keys by then
+    with pytest.raises(KeyboardInterrupt):
+        inference.prefill(model, cache, b)
+    hook.remove()
+    assert inference.score_options(model, a, segment, cache=cache) == pytest.approx(fresh, abs=1e-6)
+
+
 def test_a_prefix_must_leave_a_token_of_room(tok):
     """A prefix is encoded to be followed by a query: one that fills the cache is refused by name,
     one a token shorter is encoded. After it, a segment or an input that does not fit is refused."""
