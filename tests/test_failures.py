@@ -7,7 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from checkpoints import write_checkpoint
+from model import ModelArgs, Transformer
 from test_train import ROOT, assert_same_weights, common, final_weights, losses, run, suite  # noqa: F401 (suite: a fixture)
 
 # train.py with its checkpoint writers patched: when writing ckpt-AT, write half of a file, then
@@ -79,10 +83,6 @@ def test_full_disk_or_kill_while_writing_a_checkpoint(suite, straight, tmp_path,
 def test_a_checkpoint_already_written_is_kept(tmp_path):
     """ckpt-{step} exists only once renamed into place, complete: writing the same step again keeps
     it as it is (no error from renaming onto a full folder, no second copy, no .tmp- folder left)."""
-    import torch
-    from safetensors.torch import load_file
-    from checkpoints import write_checkpoint
-    from model import ModelArgs, Transformer
     tokenizer = os.path.join(ROOT, "assets", "base-nano", "tokenizer.model")
     args = ModelArgs(dim=16, n_layers=1, head_dim=8, hidden_dim=32, n_heads=2, n_kv_heads=1, norm_eps=1e-5,
                      vocab_size=400, rope_theta=1e4)
