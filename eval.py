@@ -282,7 +282,9 @@ def print_tables(results, names):
     cols = ("mean", "worst", "answer_loss", "macro_f1")
     print(f"{'k':>6} {'tasks':>5}" + "".join(f" {n + ' ' + c.replace('answer_', 'ans ').replace('macro_', ''):>14}" for n in names for c in cols))
     for k, row in results["summary"].items():
-        fmt = lambda v: f"{v:14.4f}" if v is not None else f"{'-':>14}"
+        # three decimals: a fourth differs between CPUs (float sums in another order), and the
+        # README's table is meant to be printed exactly on any machine
+        fmt = lambda v: f"{v:14.3f}" if v is not None else f"{'-':>14}"
         print(f"{k:>6} {row[names[0]]['n_tasks']:>5}" + "".join(f" {fmt(row[n][c])}" for n in names for c in cols))
     print("".join(f"  task '{t}', k={k}: skipped: {r['skipped']}\n" for t, e in results["tasks"].items()  # never silent
                   for k, r in e["k"].items() if "skipped" in r), end="")

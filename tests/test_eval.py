@@ -357,3 +357,14 @@ def test_a_query_that_fits_only_with_no_demonstrations_is_left_out(tok, capsys):
     _, fits = ev.encode_eval_task("t", examples(6, options=False, seed=5), rows, tok, seq_len)
     assert [q for _, q in fits] == kept
     assert f"note: task 't': {len(queries) - len(kept)} test queries longer than seq_len={seq_len} left out" in capsys.readouterr().out
+
+
+def test_table_has_three_decimals(capsys):
+    # a loss of 2.58745 +- 1e-8 (float sums in another order on another CPU) prints the same, so a
+    # fresh clone anywhere prints the README's table exactly
+    row = lambda loss: dict(n_tasks=1, mean=0.5, worst=0.25, answer_loss=loss, macro_f1=None)
+    printed = []
+    for loss in (2.58744999, 2.58745001):
+        ev.print_tables(dict(summary={"max": dict(base=row(loss))}, tasks={}), ["base"])
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and "2.587" in printed[0] and "0.500" in printed[0] and "-" in printed[0].splitlines()[-1]
