@@ -324,6 +324,16 @@ def test_fresh_labels_in_held_in_instances_only(tok, tmp_path):
     assert 0.15 <= np.mean([fresh([ex["output"] for ex in files[f"lookup_{i}"]]) for i in range(30)]) <= 0.55
 
 
+def test_held_in_answers_run_long():
+    """Held-in answers (one word, no space) run to 10-11 letters, longer than any dev or held-out
+    answer: a model trained on short answers stops copying a long one early (RESULTS.md)."""
+    from suite import label_words
+    lengths = {split: np.array([len(w) for i in range(600) for w in label_words(np.random.default_rng(i), split, 4)
+                                if " " not in w]) for split in ("train", "dev", "test")}
+    assert lengths["train"].max() == 11 and np.mean(lengths["train"] >= 10) > 0.1
+    assert lengths["dev"].max() == 7 and lengths["test"].max() == 9  # their vocabularies as they were
+
+
 def test_held_in_families_do_not_move_dev_and_held_out_files(tmp_path, monkeypatch):
     """Each suite file is drawn from its own generator: with a held-in family removed (or added,
     or changed), every dev and held-out file, and the generic test text, stays byte for byte."""
