@@ -97,3 +97,22 @@ def test_recall_scores_a_repeated_keys_first_answer_token(reproduce, monkeypatch
     line = capsys.readouterr().out.strip()
     assert line == (f"{base}: recall top-1 by key kind: nonce 1.00, english 1.00, held-out english 1.00, "
                     "number 1.00, held-out phrase 1.00")
+
+
+def test_long_answer_probe_is_dev_vocabulary(reproduce, tmp_path):
+    """`--long_answers`: 16 lookups in eval.py's layout, answers of 6-14 letters spelled only in
+    the dev vocabularies (dev syllables, dev words), every test key seen in the pool."""
+    import re
+    import suite
+    from data import load_tasks
+    reproduce.long_answers(str(tmp_path))
+    pools, tests = load_tasks(str(tmp_path), split="train"), load_tasks(str(tmp_path), split="test")
+    assert sorted(pools) == sorted(tests) and len(tests) == 16
+    syllables = re.compile("(?:" + "|".join(suite.SYLLABLE_SETS["dev"][0]) + ")+")
+    words = re.compile("(?:" + "|".join(suite.ENGLISH["dev"]) + "){2}")
+    for name, rows in tests.items():
+        spelled = syllables if "nonce" in name else words
+        assert len(rows) == 64 and all(6 <= len(r["output"]) <= 14 and spelled.fullmatch(r["output"]) for r in rows)
+        book = {r["input"]: r["output"] for r in pools[name]}
+        assert all(book[r["input"]] == r["output"] for r in rows)
+    assert max(len(r["output"]) for rows in tests.values() for r in rows) >= 12
