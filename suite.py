@@ -78,8 +78,8 @@ SYLLABLE_SETS = {"train": [SYLLABLES, ["mu", "ka", "po", "ti", "re", "so", "ya",
 def label_words(rng, split, n):
     """n distinct answer words of one kind, the kind drawn per task instance. A third of held-in
     instances get new letter strings ("fresh"): no vocabulary of answers can be learned from them,
-    only read from the context (RESULTS.md: recipes). Held-in answers run up to 10-11 letters,
-    longer than most a user asks for: trained on short answers, the model learns to stop copying
+    only read from the context (RESULTS.md: recipes). Held-in answers run to 11 letters, longer
+    than the dev and held-out ones: a model trained on short answers only learns to stop copying
     an answer after a few letters (RESULTS.md: long answers)."""
     kinds = {"train": ["english", "nonce", "nonce", "digit", "letter", "phrase"] + ["fresh"] * 3,
              "dev": ["english", "nonce", "code"], "test": ["english", "nonce", "number"]}[split]

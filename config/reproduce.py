@@ -212,7 +212,7 @@ def recall(ckpts, n_seq=12):
 def long_answers(out_dir, instances=8):
     """Lookup tasks in the dev vocabularies whose answers are longer than any dev family's: 3-5 dev
     syllables, or two dev words run together (6-14 letters). A model that learned to stop an answer
-    after a few letters, because its training answers were short, fails them (RESULTS.md: recipes).
+    after a few letters, because its training answers were short, fails them (RESULTS.md: long answers).
     Score with eval.py --tasks out_dir; like the dev families, never trained on."""
     import zlib
     import data
