@@ -78,10 +78,10 @@ SYLLABLE_SETS = {"train": [SYLLABLES, ["mu", "ka", "po", "ti", "re", "so", "ya",
 def label_words(rng, split, n):
     """n distinct answer words of one kind, the kind drawn per task instance. A third of held-in
     instances get new letter strings ("fresh"): no vocabulary of answers can be learned from them,
-    only read from the context (RESULTS.md: recipes). Held-in answers run to 11 letters, longer
-    than the dev and held-out ones: a model trained on short answers only learns to stop copying
-    an answer after a few letters (RESULTS.md: long answers)."""
-    kinds = {"train": ["english", "nonce", "nonce", "digit", "letter", "phrase"] + ["fresh"] * 3,
+    only read from the context (RESULTS.md: recipes). Held-in answers run to 11 letters and 6
+    digits, longer than the dev and held-out ones: a model trained on short answers only learns to
+    stop copying an answer after a few letters or two digits (RESULTS.md: long answers)."""
+    kinds = {"train": ["english", "nonce", "nonce", "digit", "letter", "phrase"] + ["fresh"] * 3 + ["long_number"],
              "dev": ["english", "nonce", "code"], "test": ["english", "nonce", "number"]}[split]
     kind = kinds[int(rng.integers(len(kinds)))]
     make = {"english": lambda: str(rng.choice(ENGLISH[split])),
@@ -90,7 +90,8 @@ def label_words(rng, split, n):
             "letter": lambda: str(rng.choice(list(LETTERS.upper()))),
             "phrase": lambda: " ".join(rng.choice(ENGLISH[split], size=2)),
             "code": lambda: str(rng.choice(list(LETTERS.upper()))) + str(int(rng.integers(10))),
-            "number": lambda: str(int(rng.integers(200, 1000))),  # above any training answer
+            "number": lambda: str(int(rng.integers(200, 1000))),  # 3 digits from 200: no training answer is one
+            "long_number": lambda: str(int(rng.integers(1000, 1000000))),  # numbers of 4-6 digits, copied whole
             "fresh": lambda: letters(rng, 3, 12)}[kind]
     syllables = SYLLABLE_SETS[split][int(rng.integers(len(SYLLABLE_SETS[split])))]
     out = list(dict.fromkeys(make() for _ in range(20 * n)))[:n]

@@ -5,7 +5,7 @@ The paper's three claims on the built-in suite, every arm fine-tuned from the sa
     python config/reproduce.py --report        # only the tables, verdicts and plots, from finished runs
     python config/reproduce.py --gpu           # GPU route: the full size, many runs at a time on one GPU (unmeasured)
     python config/reproduce.py --recall CKPT...  # a base model's recall in the task layout, by kind of key
-    python config/reproduce.py --long_answers DIR  # write dev-vocabulary lookups with 6-14 letter answers
+    python config/reproduce.py --long_answers DIR  # dev-vocabulary lookups with long answers
 
 Arms (train.py's default recipe at a reduced number of steps; only the flags below differ):
   untrained     the base model itself
@@ -211,25 +211,29 @@ def recall(ckpts, n_seq=12):
 
 def long_answers(out_dir, instances=8):
     """Lookup tasks in the dev vocabularies whose answers are longer than any dev family's: 3-5 dev
-    syllables, or two dev words run together (6-14 letters). A model that learned to stop an answer
-    after a few letters, because its training answers were short, fails them (RESULTS.md: long answers).
-    Score with eval.py --tasks out_dir; like the dev families, never trained on."""
+    syllables or two dev words run together (6-14 letters), or numbers of 2-5 digits. A model that
+    learned to stop an answer after a few letters or digits, because its training answers were
+    short, fails them (RESULTS.md: long answers). Score with eval.py --tasks out_dir; like the dev
+    families, never trained on."""
     import zlib
     import data
     import suite
-    for kind in ("nonce", "compound"):
+    makes = {  # task name -> (seed, answer from rng)
+        "devlong_nonce": (99, lambda r: "".join(r.choice(suite.SYLLABLE_SETS["dev"][0], size=int(r.integers(3, 6))))),
+        "devlong_compound": (99, lambda r: "".join(r.choice(suite.ENGLISH["dev"], size=2))),
+        "devnum": (98, lambda r: (lambda digits: str(int(r.integers(10 ** (digits - 1), 10 ** digits))))(int(r.integers(2, 6)))),
+    }
+    for name, (seed, make) in makes.items():
         for i in range(instances):
-            task = f"devlong_{kind}_{i}"
-            rng = np.random.default_rng([99, zlib.crc32(task.encode())])
+            task = f"{name}_{i}"
+            rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
             pick = suite.input_picker(rng, "dev")
             keys = list(dict.fromkeys(pick(rng) for _ in range(60)))[:int(rng.integers(4, 13))]
-            make = {"nonce": lambda: "".join(rng.choice(suite.SYLLABLE_SETS["dev"][0], size=int(rng.integers(3, 6)))),
-                    "compound": lambda: "".join(rng.choice(suite.ENGLISH["dev"], size=2))}[kind]
-            book = dict(zip(keys, list(dict.fromkeys(make() for _ in range(100)))))
+            book = dict(zip(keys, list(dict.fromkeys(make(rng) for _ in range(100)))))
             rows = [dict(input=k, output=book[k], task=task, options=[]) for k in (keys[int(rng.integers(len(keys)))] for _ in range(464))]
             data.write_jsonl(os.path.join(out_dir, task, "train.jsonl"), rows[:400])
             data.write_jsonl(os.path.join(out_dir, task, "test.jsonl"), rows[400:])
-    print(f"wrote {2 * instances} tasks into {out_dir}")
+    print(f"wrote {len(makes) * instances} tasks into {out_dir}")
 
 
 def by_family(tasks, score):

@@ -325,13 +325,17 @@ def test_fresh_labels_in_held_in_instances_only(tok, tmp_path):
 
 
 def test_held_in_answers_run_long():
-    """Held-in answers (one word, no space) run to 10-11 letters, longer than any dev or held-out
-    answer: a model trained on short answers stops copying a long one early (RESULTS.md)."""
+    """Held-in answers (one word, no space) run to 10-11 letters and 4-6 digits, longer than any
+    dev or held-out answer: a model trained on short answers stops copying a long one early
+    (RESULTS.md). No held-in answer is a held-out number (3 digits from 200)."""
     from suite import label_words
-    lengths = {split: np.array([len(w) for i in range(600) for w in label_words(np.random.default_rng(i), split, 4)
-                                if " " not in w]) for split in ("train", "dev", "test")}
+    answers = {split: [w for i in range(600) for w in label_words(np.random.default_rng(i), split, 4) if " " not in w]
+               for split in ("train", "dev", "test")}
+    lengths = {split: np.array([len(w) for w in a]) for split, a in answers.items()}
     assert lengths["train"].max() == 11 and np.mean(lengths["train"] >= 10) > 0.1
     assert lengths["dev"].max() == 7 and lengths["test"].max() == 9  # their vocabularies as they were
+    numbers = [w for w in answers["train"] if w.isdigit()]
+    assert {len(w) for w in numbers} == {1, 4, 5, 6} and 0.2 < len([w for w in numbers if len(w) > 1]) / len(numbers) < 0.8
 
 
 def test_held_in_families_do_not_move_dev_and_held_out_files(tmp_path, monkeypatch):

@@ -100,19 +100,22 @@ def test_recall_scores_a_repeated_keys_first_answer_token(reproduce, monkeypatch
 
 
 def test_long_answer_probe_is_dev_vocabulary(reproduce, tmp_path):
-    """`--long_answers`: 16 lookups in eval.py's layout, answers of 6-14 letters spelled only in
-    the dev vocabularies (dev syllables, dev words), every test key seen in the pool."""
+    """`--long_answers`: 24 lookups in eval.py's layout, answers of 6-14 letters spelled only in
+    the dev vocabularies (dev syllables, dev words) or numbers of 2-5 digits, every test key seen
+    in the pool."""
     import re
     import suite
     from data import load_tasks
     reproduce.long_answers(str(tmp_path))
     pools, tests = load_tasks(str(tmp_path), split="train"), load_tasks(str(tmp_path), split="test")
-    assert sorted(pools) == sorted(tests) and len(tests) == 16
-    syllables = re.compile("(?:" + "|".join(suite.SYLLABLE_SETS["dev"][0]) + ")+")
-    words = re.compile("(?:" + "|".join(suite.ENGLISH["dev"]) + "){2}")
+    assert sorted(pools) == sorted(tests) and len(tests) == 24
+    spelled = {"nonce": re.compile("(?:" + "|".join(suite.SYLLABLE_SETS["dev"][0]) + ")+"),
+               "compound": re.compile("(?:" + "|".join(suite.ENGLISH["dev"]) + "){2}"), "num": re.compile("[1-9][0-9]*")}
     for name, rows in tests.items():
-        spelled = syllables if "nonce" in name else words
-        assert len(rows) == 64 and all(6 <= len(r["output"]) <= 14 and spelled.fullmatch(r["output"]) for r in rows)
+        kind = next(k for k in spelled if k in name)
+        low, high = (2, 5) if kind == "num" else (6, 14)
+        assert len(rows) == 64 and all(low <= len(r["output"]) <= high and spelled[kind].fullmatch(r["output"]) for r in rows)
         book = {r["input"]: r["output"] for r in pools[name]}
         assert all(book[r["input"]] == r["output"] for r in rows)
-    assert max(len(r["output"]) for rows in tests.values() for r in rows) >= 12
+    longest = lambda kind: max(len(r["output"]) for name, rows in tests.items() if kind in name for r in rows)
+    assert longest("devlong") >= 12 and longest("devnum") == 5
