@@ -204,7 +204,7 @@ def suite_instance(family, rng):
     raise ValueError(f"unknown suite family {family!r}")
 
 
-SUITE_VERSION = "v9"  # bump when the generated suite changes, so stale copies are rewritten
+SUITE_VERSION = "v10"  # bump when the generated suite changes, so stale copies are rewritten
 HELD_IN = ["feature_label", "part_label", "edit", "number_rule", "table_label", "lookup"]
 DEV = ["dev_length", "dev_table", "dev_lookup", "dev_last_letters"]
 HELD_OUT = ["vowel_start", "test_table", "translate", "suffix"]
