@@ -218,10 +218,13 @@ def long_answers(out_dir, instances=8):
     import zlib
     import data
     import suite
+    def number(r):  # 2-5 digits, the count drawn first
+        digits = int(r.integers(2, 6))
+        return str(int(r.integers(10 ** (digits - 1), 10 ** digits)))
     makes = {  # task name -> (seed, answer from rng)
         "devlong_nonce": (99, lambda r: "".join(r.choice(suite.SYLLABLE_SETS["dev"][0], size=int(r.integers(3, 6))))),
         "devlong_compound": (99, lambda r: "".join(r.choice(suite.ENGLISH["dev"], size=2))),
-        "devnum": (98, lambda r: (lambda digits: str(int(r.integers(10 ** (digits - 1), 10 ** digits))))(int(r.integers(2, 6)))),
+        "devnum": (98, number),
     }
     for name, (seed, make) in makes.items():
         for i in range(instances):
