@@ -30,7 +30,7 @@ from data import IGNORE, Prefetcher, TrainSampler, Tokenizer, check_shots, colla
 from lora import apply_lora, load_lora
 from memory import checkpointing_mode, flops_per_token, peak_flops, sdpa_backend
 from metaicl import read_setting, setting_file
-from suite import HELD_IN, SPLIT_OF, SUITE_DIR, GenericSampler, SuiteSampler, ensure_suite
+from suite import SPLIT_OF, TRAIN_MIX, SUITE_DIR, GenericSampler, SuiteSampler, ensure_suite
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # AdamW's betas as in GPT-3, LLaMA and nanoGPT: beta2 = 0.95 forgets old squared gradients faster
@@ -50,7 +50,8 @@ class TrainConfig:
                                        # pre-training (every token a target); or MetaICL JSONL files/folders
     setting: str = ""                  # MetaICL's config/{setting}.json (e.g. hr_to_lr): train on its "train" tasks,
                                        # {data}/{task}/{task}_16384_100_train.jsonl each ("" = every task in `data`)
-    families: str = ""                 # suite families to train on, comma-separated ("" = suite.HELD_IN)
+    families: str = ""                 # suite families to train on, comma-separated, a family listed twice drawn twice
+                                       # as often ("" = suite.TRAIN_MIX: the held-in families, recall twice)
     generic_share: float = 0.8         # share of suite sequences that are the base's own pre-training text, every
                                        # token a target: it keeps the base's recall (chosen on dev, RESULTS.md)
     eval_data: str = "data/suite/dev"  # tasks for the validation loss ("" = none); the suite's dev families by default
@@ -153,7 +154,7 @@ def make_samplers(cfg, tok):
     if cfg.data == "suite" or os.path.abspath(cfg.eval_data) == os.path.join(SUITE_DIR, "dev"):
         ensure_suite()  # generated once, a few seconds; one rank writes, the others wait (a lock)
     if cfg.data == "suite":  # every sequence a fresh instance of a held-in family (suite.SuiteSampler)
-        families = cfg.families.split(",") if cfg.families else HELD_IN
+        families = cfg.families.split(",") if cfg.families else TRAIN_MIX
         unknown = sorted(set(families) - set(SPLIT_OF))
         if unknown:
             raise ValueError(f"families: unknown {', '.join(unknown)}; the suite has {', '.join(SPLIT_OF)} "

@@ -338,6 +338,24 @@ def test_held_in_answers_run_long():
     assert {len(w) for w in numbers} == {1, 4, 5, 6} and 0.2 < len([w for w in numbers if len(w) > 1]) / len(numbers) < 0.8
 
 
+def test_held_in_keys_share_endings():
+    """Every held-in dictionary (table_label, lookup) has keys that share their endings and
+    differ at the start, so only the whole key tells its answer; dev and held-out keys are drawn
+    as before. The training mix draws the two recall families twice as often as the others."""
+    from suite import HELD_IN, TRAIN_MIX, keys_and_values
+    for i in range(60):
+        keys, book = keys_and_values(np.random.default_rng(i), "train", 8)
+        assert len(keys) >= 4 and set(book) == set(keys)
+        ends = {k.split(" ")[-1] if " " in k else k[-2:] for k in keys}
+        assert len(ends) <= 3 < len(keys) or len(keys) <= 3, keys  # several keys to an ending
+        assert len({k.split(" ")[0] if " " in k else k[:-2] for k in keys}) >= 2, keys  # that differ before it
+    dev = [keys_and_values(np.random.default_rng(i), "dev", 8)[0] for i in range(60)]
+    assert np.mean([len({k[-2:] for k in keys}) > 3 for keys in dev]) > 0.5  # dev keys mostly end differently
+    assert sorted(set(TRAIN_MIX)) == sorted(HELD_IN)
+    assert {f: TRAIN_MIX.count(f) for f in HELD_IN} == dict(feature_label=1, part_label=1, edit=1, number_rule=1,
+                                                             table_label=2, lookup=2)
+
+
 def test_held_in_families_do_not_move_dev_and_held_out_files(tmp_path, monkeypatch):
     """Each suite file is drawn from its own generator: with a held-in family removed (or added,
     or changed), every dev and held-out file, and the generic test text, stays byte for byte."""

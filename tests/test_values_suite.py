@@ -83,8 +83,8 @@ def test_feature_label_answers_are_options():
 
 
 def test_number_inputs_of_each_split():
-    """Training inputs that are numbers stay below 100; dev and held-out ones run to 999, so most
-    of them are numbers no training sequence showed."""
+    """Training inputs that are numbers stay below 100 (the held-in dictionaries alone draw 3-digit
+    keys, sharing their last two digits: suite.shared_ending_picker); dev and held-out ones run to 999."""
     from suite import input_picker
     rng = np.random.default_rng(0)
     for split, top in (("train", 100), ("dev", 1000), ("test", 1000)):
