@@ -52,7 +52,7 @@ class TrainConfig:
                                        # {data}/{task}/{task}_16384_100_train.jsonl each ("" = every task in `data`)
     families: str = ""                 # suite families to train on, comma-separated, a family listed twice drawn twice
                                        # as often ("" = suite.TRAIN_MIX: the held-in families, recall twice)
-    generic_share: float = 0.8         # share of suite sequences that are the base's own pre-training text, every
+    generic_share: float = 0.7         # share of suite sequences that are the base's own pre-training text, every
                                        # token a target: it keeps the base's recall (chosen on dev, RESULTS.md)
     eval_data: str = "data/suite/dev"  # tasks for the validation loss ("" = none); the suite's dev families by default
     tokenizer: str = ""                # default: the suite's, or tokenizer.model[.v3] inside `init`
