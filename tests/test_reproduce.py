@@ -119,3 +119,31 @@ def test_long_answer_probe_is_dev_vocabulary(reproduce, tmp_path):
         assert all(book[r["input"]] == r["output"] for r in rows)
     longest = lambda kind: max(len(r["output"]) for name, rows in tests.items() if kind in name for r in rows)
     assert longest("devlong") >= 12 and longest("devnum") == 5
+
+
+def test_outside_tasks_hold_what_they_claim(tmp_path):
+    """config/outside_tasks.py: three sets in eval.py's layout; in set3 no test input is in its
+    pool (recall of the same key cannot answer), in set2's dictionary every test key is; an
+    option task's answer is one of its options; and the files are the same on every run."""
+    from data import load_tasks
+    script = os.path.join(ROOT, "config", "outside_tasks.py")
+    spec = importlib.util.spec_from_file_location("outside_tasks", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(str(tmp_path / "a"))
+    module.main(str(tmp_path / "b"))
+    for name in ("set1", "set2", "set3"):
+        pools, tests = (load_tasks([str(tmp_path / "a" / name)], split) for split in ("train", "test"))
+        assert len(pools) == len(tests) >= 12 and {len(v) for v in pools.values()} == {200}
+        assert {len(v) for v in tests.values()} == {32}
+        for task, test in tests.items():
+            pool_inputs = {e["input"] for e in pools[task]}
+            assert all(not e["options"] or e["output"] in e["options"] for e in test + pools[task]), task
+            if name == "set3":
+                assert not pool_inputs & {e["input"] for e in test}, task
+            if task.startswith("recall"):
+                assert {e["input"] for e in test} <= pool_inputs, task
+        for task in tests:
+            for split in ("train", "test"):
+                same = open(tmp_path / "a" / name / task / f"{split}.jsonl").read()
+                assert same == open(tmp_path / "b" / name / task / f"{split}.jsonl").read()
